@@ -1,0 +1,90 @@
+"""``areal-like`` command line: parse, build, run, clean up. Heavy imports happen after parsing."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _train(args: argparse.Namespace) -> int:
+    from areal_like.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    from areal_like.controller import run_training
+
+    summary = run_training(config)
+    before = "-" if summary.eval_before is None else f"{summary.eval_before:.3f}"
+    after = "-" if summary.eval_after is None else f"{summary.eval_after:.3f}"
+    print(
+        f"done: steps {summary.first_step}->{summary.last_step}, held-out accuracy before {before} after {after}, "
+        f"max staleness {summary.staleness_max} (eta {config.rollout.max_staleness}), "
+        f"{summary.train_seconds:.0f}s of training; run dir {summary.run_dir}",
+        flush=True,
+    )
+    return 0
+
+
+def _build_model(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from areal_like.config import ConfigError
+    from areal_like.models import ModelBuildConfig, build_model
+
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelBuildConfig),
+                                                  OmegaConf.from_dotlist(args.overrides)))
+    except Exception as err:
+        raise ConfigError(f"model build options {args.overrides}: {err}") from None
+    print(build_model(cfg, args.out, overwrite=args.overwrite))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from areal_like.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="areal-like", description="Asynchronous RL post-training for LLMs.")
+    parser.add_argument("--log-level", default=os.environ.get("AREAL_LIKE_LOG_LEVEL", "WARNING"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="run (or resume) RL training from a YAML recipe")
+    train.add_argument("--config", required=True, help="YAML recipe, e.g. configs/quickstart.yaml")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20")
+    train.set_defaults(func=_train)
+
+    build = sub.add_parser("build-model", help="build a small Qwen2-architecture model + tokenizer locally")
+    build.add_argument("--out", required=True, help="output directory (Hugging Face format)")
+    build.add_argument("--overwrite", action="store_true")
+    build.add_argument("overrides", nargs="*", help="ModelBuildConfig fields as key=value, e.g. num_layers=4")
+    build.set_defaults(func=_build_model)
+
+    plot = sub.add_parser("plot", help="write the learning-curve PNG of a run directory")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", default=None)
+    plot.set_defaults(func=_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from areal_like.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""The run configuration: one typed dataclass per component, loaded from YAML with overrides.
+
+``load_config(path, overrides)`` merges, in order: the schema defaults, the YAML recipe, then
+``key=value`` overrides; it fails before any work starts when a key is unknown, a value has the wrong
+type, or a component's ``__post_init__`` rejects it, with the key, the value and what is allowed.
+Config modules import no torch, Ray or engines: a config is data.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from areal_like.models import ModelBuildConfig
+from datastore.config import DataStoreConfig
+from rollout.config import RolloutConfig
+from trainer.config import TrainConfig
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message names the key and the fix."""
+
+
+@dataclass
+class RunSection:
+    """Where the run lives and how often it is saved."""
+
+    dir: str = MISSING
+    """Run directory: config.yaml, metrics.jsonl, eval.jsonl, checkpoints/, curves.png."""
+    seed: int = 1
+    """Seed for model init, prompt order and sampling."""
+    checkpoint_every: int = 10
+    """Save a checkpoint every this many train steps (and always at the last step); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep on disk."""
+    resume: bool = True
+    """Resume from the run directory's latest checkpoint when there is one."""
+    tensorboard: bool = True
+    """Write TensorBoard event files into run.dir/tensorboard."""
+    plot: bool = True
+    """Write the learning-curve PNG (curves.png) at the end of the run."""
+    log_every: int = 1
+    """Print a progress line every this many steps."""
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 0:
+            raise ValueError(f"run.checkpoint_every={self.checkpoint_every}: must be >= 0 (0 = only at the end)")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"run.keep_checkpoints={self.keep_checkpoints}: must be >= 1")
+        if self.log_every < 1:
+            raise ValueError(f"run.log_every={self.log_every}: must be >= 1")
+
+
+@dataclass
+class RayConfig:
+    """The Ray cluster the run uses."""
+
+    address: str | None = None
+    """None starts a local Ray instance; 'auto' or 'HOST:PORT' joins a running cluster."""
+    num_cpus: int | None = None
+    """Logical CPUs of a local instance (None = the machine's cores). All actors ask for 0 CPUs."""
+
+
+@dataclass
+class ModelConfig:
+    """The policy model: a local Hugging Face directory, or a small model built from ``build``."""
+
+    path: str | None = None
+    """Local HF model directory (config.json, safetensors, tokenizer). None builds one into
+    run.dir/init_model from ``model.build`` (no hub is ever contacted)."""
+    build: ModelBuildConfig = field(default_factory=ModelBuildConfig)
+    """Architecture of the model built when ``path`` is null."""
+
+
+@dataclass
+class TaskConfig:
+    """The prompts and the verifiable reward."""
+
+    name: str = "addition"
+    """Built-in task ('addition'); sets the default reward and generates prompts when no files are given."""
+    max_operand: int = 9
+    """addition: largest operand."""
+    num_operands: int = 2
+    """addition: operands per prompt."""
+    num_train_prompts: int = 2000
+    """Generated training prompts (ignored when train_path is set)."""
+    num_eval_prompts: int = 20
+    """Generated held-out prompts (ignored when eval_path is set)."""
+    train_path: str | None = None
+    """Local .jsonl/.parquet with one prompt per record (keys prompt_key, answer_key)."""
+    eval_path: str | None = None
+    """Local .jsonl/.parquet of held-out prompts."""
+    prompt_key: str = "prompt"
+    """Field of the prompt text in prompt files."""
+    answer_key: str = "answer"
+    """Field of the ground-truth answer in prompt files."""
+    skip_malformed: bool = False
+    """False: a malformed line in a prompt file stops the run naming the line. True: skip and count."""
+    reward_fn: str | None = None
+    """Reward function as 'package.module:function' (fn(response, answer) -> float); None = the task's."""
+    reward_timeout_s: float = 5.0
+    """Per-sample reward timeout; a timeout or an exception scores 0 and is counted."""
+    reward_workers: int = 1
+    """Reward worker processes per rollout worker."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_operand", "num_operands", "num_train_prompts", "num_eval_prompts", "reward_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"task.{name}={getattr(self, name)}: must be >= 1")
+        if self.reward_timeout_s <= 0:
+            raise ValueError(f"task.reward_timeout_s={self.reward_timeout_s}: must be > 0")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation with greedy decoding through the rollout engines."""
+
+    every_steps: int = 0
+    """Evaluate every this many steps; 0 = only before the first and after the last step."""
+    enabled: bool = True
+    """Run the before/after evaluation at all."""
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0:
+            raise ValueError(f"eval.every_steps={self.every_steps}: must be >= 0")
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    ray: RayConfig = field(default_factory=RayConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    datastore: DataStoreConfig = field(default_factory=DataStoreConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        samples = self.train.batch_groups * self.rollout.group_size
+        if self.train.batch_groups % self.train.num_ranks:
+            raise ValueError(
+                f"train.batch_groups={self.train.batch_groups} is not divisible by train.num_ranks="
+                f"{self.train.num_ranks}: each rank trains on whole groups; pick a multiple of num_ranks"
+            )
+        per_rank = samples // self.train.num_ranks
+        if per_rank % self.train.ppo_minibatches:
+            raise ValueError(
+                f"train.ppo_minibatches={self.train.ppo_minibatches} does not divide the {per_rank} samples "
+                "per rank (batch_groups * group_size / num_ranks)"
+            )
+
+    @property
+    def max_concurrent_groups(self) -> int:
+        return self.rollout.max_concurrent_groups or self.train.batch_groups
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for key in node:
+        path = f"{prefix}{key}"
+        keys.append(path)
+        child = OmegaConf.select(node, str(key), throw_on_missing=False) if OmegaConf.is_config(node) else None
+        if OmegaConf.is_dict(child):
+            keys.extend(_all_keys(child, prefix=path + "."))
+    return keys
+
+
+def _unknown_key_error(schema: Any, key: str, source: str) -> ConfigError:
+    known = _all_keys(schema)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    section = key.rsplit(".", 1)[0] if "." in key else ""
+    siblings = sorted(k.rsplit(".", 1)[-1] for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == section)
+    return ConfigError(f"unknown config key '{key}' in {source}.{hint} Keys allowed here: {', '.join(siblings)}")
+
+
+def _merge(schema: Any, update: Any, source: str) -> Any:
+    try:
+        return OmegaConf.merge(schema, update)
+    except ConfigKeyError as err:
+        raise _unknown_key_error(schema, str(err.full_key), source) from None
+    except ValidationError as err:
+        raise ConfigError(
+            f"invalid value for '{err.full_key}' in {source}: {err.msg.splitlines()[0]}"
+        ) from None
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
+    """Schema defaults <- YAML file <- ``key=value`` overrides, validated into a ``Config``."""
+    schema = OmegaConf.structured(Config)
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path!r} (recipes live in configs/, e.g. configs/quickstart.yaml)")
+        try:
+            recipe = OmegaConf.load(path)
+        except Exception as err:  # yaml errors carry the line number
+            raise ConfigError(f"cannot parse config file {path!r}: {err}") from None
+        schema = _merge(schema, recipe, f"config file {path!r}")
+    dotlist = []
+    for item in overrides or []:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=20)")
+        dotlist.append(item)
+    if dotlist:
+        try:
+            parsed = OmegaConf.from_dotlist(dotlist)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"cannot parse overrides {dotlist}: {err}") from None
+        schema = _merge(schema, parsed, "overrides")
+    missing = sorted(OmegaConf.missing_keys(schema))
+    if missing:
+        raise ConfigError(f"config keys without a value: {', '.join(missing)} (set them in the recipe or as key=value)")
+    try:
+        return OmegaConf.to_object(schema)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

@@ -1,0 +1,399 @@
+"""The controller: builds the actors, then runs the asynchronous RL loop as a page of named steps.
+
+Actors and dataflow (all Ray, every actor asks for 0 CPUs so a 2-core machine never deadlocks):
+
+    PromptDispatcher --groups--> RolloutWorker x M --trajectories--> datastore (controller + units)
+          ^  staleness gate           ^  weights v+1                      |  oldest-first groups
+          |  set_version, on_evicted  |                                   v
+       controller (this module) ----- export_weights <---- TrainerRank x N (DeepSpeed)
+
+- Rollout workers generate continuously; the dispatcher admits a group only while AReaL's rule
+  allows (``areal_like.staleness``), so generation runs at most eta versions ahead of training.
+- The controller waits for ``train.batch_groups`` complete groups whose oldest token is at most
+  eta versions old (older ones are evicted by the datastore and their slots refilled), hands each
+  trainer rank whole groups, runs the step, then pushes the new weights to every engine
+  (interrupting generation at a token boundary) and only then advances the dispatcher's version.
+- Who blocks whom: only the controller waits (for a batch, for the train step, for the weight
+  load), each wait with a timeout that names what is missing. A rollout worker whose loop dies is
+  found by ``health`` polling and stops the run with its traceback.
+- Shutdown: stop the rollout loops, save the final checkpoint, close sinks, kill actors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import ray
+
+from areal_like import checkpoint as ckpt
+from areal_like.config import Config, to_yaml
+from areal_like.dispatch import PromptDispatcher
+from areal_like.metrics import JsonlSink, MetricsLogger, TensorBoardSink, progress_line, truncate_after_step
+from areal_like.prompts import PromptSets, load_prompt_sets
+from areal_like.staleness import min_allowed_version
+from datastore import make_datastore
+from datastore.types import DataStoreTimeout, SampleMeta
+from rollout.worker import RolloutWorker
+from trainer.worker import TRAIN_COLUMNS, TrainerRank, TrainStats
+
+logger = logging.getLogger(__name__)
+
+TRAIN_TASK = "train"
+
+
+@dataclass
+class RunSummary:
+    run_dir: str
+    first_step: int
+    last_step: int
+    version: int
+    eval_before: float | None
+    eval_after: float | None
+    staleness_max: int
+    evicted_groups: int
+    train_seconds: float
+
+
+class RLController:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.run_dir = os.path.abspath(config.run.dir)
+        self.step = 0
+        self.version = 0
+        self.staleness_max_seen = 0
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        self.prepare_run_dir()
+        self.start_ray()
+        try:
+            self.build()
+            resumed_from = self.maybe_resume()
+            first_step = self.step
+            self.sync_weights(self.version)
+            eval_before = self.evaluate("before") if resumed_from is None else None
+            self.start_rollouts()
+            started = time.perf_counter()
+            while self.step < self.config.train.max_steps:
+                batch, wait_s = self.wait_for_batch()
+                stats, train_s = self.train(batch)
+                sync_s = self.sync_weights(self.version + 1)
+                self.step += 1
+                save_s = self.maybe_checkpoint()
+                self.log_step(batch, stats, wait_s=wait_s, train_s=train_s, sync_s=sync_s, save_s=save_s)
+                self.maybe_periodic_eval()
+            train_seconds = time.perf_counter() - started
+            self.stop_rollouts()
+            eval_after = self.evaluate("after")
+            return self.finish(first_step, eval_before, eval_after, train_seconds)
+        finally:
+            self.shutdown()
+
+    # ---- steps -------------------------------------------------------------------------------------
+    def prepare_run_dir(self) -> None:
+        os.makedirs(self.run_dir, exist_ok=True)
+        with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(self.config))
+        logger.info("run directory: %s", self.run_dir)
+
+    def start_ray(self) -> None:
+        if ray.is_initialized():
+            return
+        rc = self.config.ray
+        kwargs = dict(include_dashboard=False, configure_logging=False, log_to_driver=True)
+        if rc.address is None:
+            ray.init(num_cpus=rc.num_cpus or os.cpu_count(), **kwargs)
+        else:
+            ray.init(address=rc.address, **kwargs)
+        self._owns_ray = True
+
+    def build(self) -> None:
+        cfg = self.config
+        self.model_path = self._model_path()
+        self.prompts: PromptSets = load_prompt_sets(cfg.task, self.model_path, cfg.run.seed)
+        self.store = make_datastore(cfg.datastore)
+        self.dispatcher = ray.remote(PromptDispatcher).options(num_cpus=0).remote(
+            self.prompts.train, self.prompts.train_ids, cfg.rollout.group_size, cfg.train.batch_groups,
+            cfg.rollout.max_staleness, cfg.max_concurrent_groups, cfg.run.seed,
+        )
+        self.trainers = self._make_trainers()
+        self.workers = self._make_workers(version=0)
+        ray.get([t.ping.remote() for t in self.trainers], timeout=600)
+        logger.info("built %d trainer rank(s), %d rollout worker(s), %d storage unit(s)",
+                    len(self.trainers), len(self.workers), cfg.datastore.num_storage_units)
+
+    def maybe_resume(self) -> str | None:
+        if not self.config.run.resume:
+            return None
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            return None
+        state = ckpt.read_state(path)
+        ray.get([t.load_checkpoint.remote(os.path.join(path, "trainer")) for t in self.trainers])
+        buffered = self.store.restore(os.path.join(path, "datastore.pkl"))
+        ray.get(self.dispatcher.restore.remote(state.dispatcher, buffered))
+        ckpt.restore_rng(state.rng)
+        self.step, self.version = state.step, state.version
+        dropped = truncate_after_step(os.path.join(self.run_dir, "metrics.jsonl"), self.step)
+        logger.info("resumed from %s: step %d, version %d, %d buffered groups restored%s", path, self.step,
+                    self.version, len(buffered), f", {dropped} metric lines after it dropped" if dropped else "")
+        print(f"resuming from {path} at step {self.step}", flush=True)
+        return path
+
+    def start_rollouts(self) -> None:
+        ray.get(self.dispatcher.set_version.remote(self.version))
+        ray.get([w.start.remote() for w in self.workers])
+
+    def wait_for_batch(self) -> tuple[list[SampleMeta], float]:
+        """Block until ``batch_groups`` fresh complete groups are ready; evictions free gate slots."""
+        cfg = self.config
+        start = time.perf_counter()
+        deadline = start + cfg.datastore.get_timeout_s
+        min_version = min_allowed_version(self.version, cfg.rollout.max_staleness)
+        last_health = start
+        while True:
+            try:
+                batch = self.store.get_batch_meta(
+                    TRAIN_TASK, TRAIN_COLUMNS, cfg.train.batch_groups, min_version=min_version, timeout_s=0.5
+                )
+            except DataStoreTimeout:
+                batch = None
+            evicted = self.store.drain_evictions()
+            if evicted:
+                ray.get(self.dispatcher.on_evicted.remote(len(evicted)))
+            if batch is not None:
+                return batch.samples, time.perf_counter() - start
+            now = time.perf_counter()
+            if now - last_health > 5.0:
+                self._check_workers()
+                last_health = now
+            if now > deadline:
+                gate = ray.get(self.dispatcher.gate_state.remote())
+                raise TimeoutError(
+                    f"controller: no batch of {cfg.train.batch_groups} groups (min version {min_version}) after "
+                    f"{cfg.datastore.get_timeout_s:.0f}s at step {self.step}; gate {gate}; datastore "
+                    f"{self.store.stats()}; workers {[asdict(h) for h in self._check_workers()]}"
+                )
+
+    def train(self, batch: list[SampleMeta]) -> tuple[list[TrainStats], float]:
+        start = time.perf_counter()
+        shards = assign_groups_to_ranks(batch, len(self.trainers))
+        stats = ray.get([t.train_step.remote(self.store, shard) for t, shard in zip(self.trainers, shards)])
+        self.store.release([m.sample_id for m in batch])
+        return stats, time.perf_counter() - start
+
+    def sync_weights(self, version: int) -> float:
+        """Trainer weights -> every engine as ``version``; the dispatcher advances only after all
+        engines have loaded them, so no group is admitted against weights the engines lack."""
+        start = time.perf_counter()
+        refs = [t.export_weights.remote() for t in self.trainers]
+        ray.get(refs[1:])
+        loaded = ray.get(
+            [w.update_weights.remote(refs[0], version) for w in self.workers],
+            timeout=self.config.rollout.weight_update_timeout_s + 30,
+        )
+        assert all(v == version for v in loaded), (loaded, version)
+        self.version = version
+        ray.get(self.dispatcher.set_version.remote(version))
+        return time.perf_counter() - start
+
+    def maybe_checkpoint(self, force: bool = False) -> float:
+        every = self.config.run.checkpoint_every
+        last = self.step == self.config.train.max_steps
+        if not (force or last or (every and self.step % every == 0)):
+            return 0.0
+        start = time.perf_counter()
+        staged = ckpt.staging_dir(self.run_dir, self.step)
+        # Dispatcher first, datastore second: a group that finishes in between is either in the
+        # snapshot (then not requeued) or still listed in flight (then requeued); never lost.
+        dispatcher_state = ray.get(self.dispatcher.state.remote())
+        num_buffered = self.store.snapshot(os.path.join(staged, "datastore.pkl"), TRAIN_TASK)
+        ray.get([t.save_checkpoint.remote(os.path.join(staged, "trainer")) for t in self.trainers])
+        ckpt.write_state(
+            staged, ckpt.RunState(self.step, self.version, dispatcher_state, ckpt.capture_rng(), num_buffered)
+        )
+        final = ckpt.commit(self.run_dir, staged, self.step, self.config.run.keep_checkpoints)
+        logger.info("checkpoint %s (%d buffered samples)", final, num_buffered)
+        return time.perf_counter() - start
+
+    def log_step(self, batch, stats: list[TrainStats], wait_s, train_s, sync_s, save_s) -> None:
+        trained_version = self.version - 1
+        staleness = [trained_version - m.min_version for m in batch]
+        self.staleness_max_seen = max(self.staleness_max_seen, max(staleness))
+        gate = ray.get(self.dispatcher.gate_state.remote())
+        health = self._check_workers()
+        tokens = sum(s.num_tokens for s in stats)
+        step_s = wait_s + train_s + sync_s + save_s
+        rewards = [s.reward_mean for s in stats]
+        metrics = {
+            "version": self.version,
+            "reward/mean": float(np.mean(rewards)),
+            "staleness/max": int(max(staleness)),
+            "staleness/mean": float(np.mean(staleness)),
+            "staleness/evicted_groups_total": gate.evicted_total,
+            "staleness/gate_running": gate.running,
+            "staleness/gate_accepted": gate.accepted,
+            "train/loss": float(np.mean([s.loss for s in stats])),
+            "train/clip_frac": float(np.mean([s.clip_frac for s in stats])),
+            "train/imp_weight_mean": float(np.mean([s.imp_weight_mean for s in stats])),
+            "train/imp_weight_max": float(max(s.imp_weight_max for s in stats)),
+            "train/imp_weight_capped_frac": float(np.mean([s.capped_frac for s in stats])),
+            "train/logp_mismatch": float(np.mean([s.behav_prox_logp_diff for s in stats])),
+            "train/grad_norm": stats[0].grad_norm,
+            "train/lr": stats[0].lr,
+            "train/adv_abs_mean": float(np.mean([s.adv_abs_mean for s in stats])),
+            "train/num_tokens": tokens,
+            "rollout/response_len_mean": tokens / max(len(batch), 1),
+            "rollout/samples_total": sum(h.samples_done for h in health),
+            "rollout/reward_errors_total": sum(h.reward_errors for h in health),
+            "rollout/reward_timeouts_total": sum(h.reward_timeouts for h in health),
+            "rollout/idle_s_total": sum(h.idle_s for h in health),
+            "timing/step_s": step_s,
+            "timing/wait_batch_s": wait_s,
+            "timing/train_s": train_s,
+            "timing/train_fetch_s": max(s.fetch_s for s in stats),
+            "timing/train_prox_s": max(s.prox_s for s in stats),
+            "timing/weight_sync_s": sync_s,
+            "timing/checkpoint_s": save_s,
+            "perf/trained_tokens_per_s": tokens / step_s if step_s > 0 else 0.0,
+        }
+        self.metrics.log(self.step, metrics)
+        if self.step % self.config.run.log_every == 0 or self.step == self.config.train.max_steps:
+            print(progress_line(self.step, self.config.train.max_steps, metrics), flush=True)
+
+    def maybe_periodic_eval(self) -> None:
+        every = self.config.eval.every_steps
+        if every and self.step % every == 0 and self.step < self.config.train.max_steps:
+            self.evaluate("periodic")
+
+    def evaluate(self, when: str) -> float | None:
+        if not self.config.eval.enabled:
+            return None
+        records, ids = self.prompts.eval, self.prompts.eval_ids
+        parts = [(records[i :: len(self.workers)], ids[i :: len(self.workers)]) for i in range(len(self.workers))]
+        results = ray.get([w.evaluate.remote(r, i) for w, (r, i) in zip(self.workers, parts) if r])
+        rewards = [x for res in results for x in res.rewards]
+        accuracy = float(np.mean(rewards))
+        record = {"step": self.step, "when": when, "eval/accuracy": accuracy, "eval/num_prompts": len(rewards)}
+        with open(os.path.join(self.run_dir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"eval ({when}, step {self.step}): held-out accuracy {accuracy:.3f} on {len(rewards)} prompts",
+              flush=True)
+        return accuracy
+
+    def stop_rollouts(self) -> None:
+        ray.get([w.stop.remote() for w in self.workers])
+
+    def finish(self, first_step, eval_before, eval_after, train_seconds) -> RunSummary:
+        summary = RunSummary(
+            run_dir=self.run_dir, first_step=first_step, last_step=self.step, version=self.version,
+            eval_before=eval_before, eval_after=eval_after, staleness_max=self.staleness_max_seen,
+            evicted_groups=ray.get(self.dispatcher.gate_state.remote()).evicted_total,
+            train_seconds=train_seconds,
+        )
+        with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
+            json.dump(asdict(summary), f, indent=2)
+        if self.config.run.plot:
+            from areal_like.plot import plot_run
+
+            print(f"learning curves: {plot_run(self.run_dir)}", flush=True)
+        return summary
+
+    def shutdown(self) -> None:
+        metrics = getattr(self, "_metrics", None)
+        if metrics is not None:
+            metrics.close()
+        for worker in getattr(self, "workers", []):
+            try:
+                ray.get(worker.close.remote(), timeout=30)
+            except Exception:  # a dead worker has nothing left to close
+                pass
+        store = getattr(self, "store", None)
+        if store is not None:
+            store.shutdown()
+        for handle in [*getattr(self, "workers", []), *getattr(self, "trainers", [])]:
+            ray.kill(handle)
+        if getattr(self, "dispatcher", None) is not None:
+            ray.kill(self.dispatcher)
+        if getattr(self, "_owns_ray", False):
+            ray.shutdown()
+
+    # ---- builders ------------------------------------------------------------------------------
+    @property
+    def metrics(self) -> MetricsLogger:
+        if getattr(self, "_metrics", None) is None:
+            sinks = [JsonlSink(os.path.join(self.run_dir, "metrics.jsonl"))]
+            if self.config.run.tensorboard:
+                sinks.append(TensorBoardSink(os.path.join(self.run_dir, "tensorboard")))
+            self._metrics = MetricsLogger(sinks)
+        return self._metrics
+
+    def _model_path(self) -> str:
+        cfg = self.config.model
+        if cfg.path is not None:
+            if not os.path.isdir(cfg.path):
+                raise FileNotFoundError(f"model.path={cfg.path!r} is not a directory (a local HF model dir)")
+            return os.path.abspath(cfg.path)
+        from areal_like.models import build_model
+
+        path = os.path.join(self.run_dir, "init_model")
+        if not os.path.exists(os.path.join(path, "config.json")):
+            build_model(cfg.build, path)
+            logger.info("built a new model from model.build into %s", path)
+        return path
+
+    def _make_trainers(self) -> list:
+        cfg = self.config
+        n = cfg.train.num_ranks
+        samples_per_rank = cfg.train.batch_groups * cfg.rollout.group_size // n
+        port = _free_port()
+        actor = ray.remote(TrainerRank).options(num_cpus=0, max_concurrency=1)
+        return [
+            actor.remote(cfg.train, rank, n, "127.0.0.1", port, self.model_path, samples_per_rank,
+                         cfg.rollout.temperature, cfg.run.seed)
+            for rank in range(n)
+        ]
+
+    def _make_workers(self, version: int) -> list:
+        cfg = self.config
+        actor = ray.remote(RolloutWorker).options(num_cpus=0, max_concurrency=4)
+        seed = cfg.run.seed * 7919 + self.step * 104729
+        return [
+            actor.remote(i, cfg.rollout, self.model_path, self.prompts.reward_fn_path, cfg.task.reward_timeout_s,
+                         cfg.task.reward_workers, self.dispatcher, self.store, seed + i, version)
+            for i in range(cfg.rollout.num_workers)
+        ]
+
+    def _check_workers(self):
+        return ray.get([w.health.remote() for w in self.workers], timeout=60)
+
+
+def assign_groups_to_ranks(batch: list[SampleMeta], num_ranks: int) -> list[list[SampleMeta]]:
+    """Whole groups to ranks, equal group counts, longest groups dealt first in a snake order so
+    token totals stay close (the trainer issue replaces this with token-budget balancing)."""
+    groups: dict[int, list[SampleMeta]] = {}
+    for meta in batch:
+        groups.setdefault(meta.group_id, []).append(meta)
+    ordered = sorted(groups.values(), key=lambda g: -sum(m.length for m in g))
+    shards: list[list[SampleMeta]] = [[] for _ in range(num_ranks)]
+    for i, group in enumerate(ordered):
+        lap, pos = divmod(i, num_ranks)
+        rank = pos if lap % 2 == 0 else num_ranks - 1 - pos
+        shards[rank].extend(group)
+    return shards
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_training(config: Config) -> RunSummary:
+    return RLController(config).run()

@@ -1,0 +1,108 @@
+"""Typed records that cross actor boundaries in the RL loop.
+
+Producers and consumers:
+- ``PromptRecord``: made by the dataset loaders and tasks (``areal_like.data``, ``areal_like.tasks``),
+  held by the prompt dispatcher, handed to rollout workers inside a ``PromptGroup``.
+- ``PromptGroup``: made by the dispatcher when the staleness gate admits a prompt, consumed by a
+  rollout worker, which generates ``num_samples`` responses for it.
+- ``GenerationOutput``: returned by a generation engine for one request.
+- ``Trajectory``: made by a rollout worker (one per response), written to the datastore as columns
+  (see ``TRAJECTORY_COLUMNS``), read back by trainer ranks.
+
+Shape legend: P = prompt length, R = response length (tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Datastore column names under which a trajectory is stored.
+TRAJECTORY_COLUMNS = ("prompt_ids", "response_ids", "behav_logprobs", "versions", "reward")
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt with its ground truth, as loaded from a dataset or made by a task."""
+
+    prompt_id: str
+    """Stable id (file name + line, or task name + index); used in logs and reports."""
+    text: str
+    """Prompt text fed to the tokenizer."""
+    answer: str
+    """Ground truth the reward function compares against."""
+
+
+@dataclass(frozen=True)
+class PromptGroup:
+    """A prompt admitted for generation: ``num_samples`` responses will be sampled for it."""
+
+    group_id: int
+    """Unique over the whole run (the dispatcher's counter, checkpointed)."""
+    prompt: PromptRecord
+    prompt_ids: tuple[int, ...]
+    """Token ids of the prompt [P]."""
+    num_samples: int
+    admitted_version: int
+    """Policy version at admission (the staleness gate's clock)."""
+
+
+@dataclass
+class GenerationOutput:
+    """One finished request from a generation engine."""
+
+    response_ids: list[int]
+    """Generated token ids [R], eos included when the model stopped."""
+    logprobs: list[float]
+    """Behaviour log-prob of each generated token under the sampling distribution [R]."""
+    versions: list[int]
+    """Policy version of the weights that produced each token [R], set by the engine."""
+    finish_reason: str
+    """'stop' (eos), 'length' (max_new_tokens reached) or 'abort'."""
+
+
+@dataclass
+class Trajectory:
+    """One sampled response with its reward, as written to the datastore."""
+
+    group_id: int
+    index: int
+    """Position of this sample within its group, 0..group_size-1."""
+    group_size: int
+    prompt_ids: np.ndarray
+    """int64 [P]"""
+    response_ids: np.ndarray
+    """int64 [R]"""
+    behav_logprobs: np.ndarray
+    """float32 [R]"""
+    versions: np.ndarray
+    """int64 [R] policy version per response token."""
+    reward: float
+    finish_reason: str
+    engine_id: int = 0
+    reward_status: str = "ok"
+    """'ok', 'error' (the reward function raised) or 'timeout'."""
+    extras: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def sample_id(self) -> str:
+        return f"{self.group_id}:{self.index}"
+
+    @property
+    def min_version(self) -> int:
+        return int(self.versions.min()) if len(self.versions) else -1
+
+    @property
+    def max_version(self) -> int:
+        return int(self.versions.max()) if len(self.versions) else -1
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The trajectory as datastore columns (names in ``TRAJECTORY_COLUMNS``)."""
+        return {
+            "prompt_ids": self.prompt_ids,
+            "response_ids": self.response_ids,
+            "behav_logprobs": self.behav_logprobs,
+            "versions": self.versions,
+            "reward": np.asarray([self.reward], dtype=np.float32),
+        }

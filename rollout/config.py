@@ -1,0 +1,59 @@
+"""Rollout configuration (no torch/ray imports: configs are data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RolloutConfig:
+    """Generation workers, sampling and the staleness bound."""
+
+    num_workers: int = 1
+    """Rollout worker actors, each with its own generation engine."""
+    engine: str = "hf"
+    """Generation engine: 'hf' (transformers, CPU default). 'vllm' arrives with the GPU path."""
+    group_size: int = 8
+    """Responses sampled per prompt (the GRPO group)."""
+    max_staleness: int = 1
+    """eta: a sample is trained on only if its oldest token is at most eta policy versions old.
+    0 is the synchronous baseline (generation and training alternate)."""
+    max_concurrent_groups: int | None = None
+    """Cap on prompt groups generating at once over all workers; None = train.batch_groups."""
+    groups_per_generate: int = 16
+    """Most prompt groups one worker generates in one batched call."""
+    max_new_tokens: int = 8
+    """Response length cap in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature (the trainer recomputes log-probs at the same temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; 1.0 disables it."""
+    torch_threads: int = 1
+    """torch intra-op threads per worker (keep workers x threads within the machine's cores)."""
+    weight_update_timeout_s: float = 120.0
+    """How long a weight update may wait for an engine before the run fails naming it."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"rollout.num_workers={self.num_workers}: must be >= 1")
+        if self.engine not in ("hf",):
+            raise ValueError(f"rollout.engine={self.engine!r}: allowed values are 'hf'")
+        if self.group_size < 1:
+            raise ValueError(f"rollout.group_size={self.group_size}: must be >= 1")
+        if self.max_staleness < 0:
+            raise ValueError(
+                f"rollout.max_staleness={self.max_staleness}: eta must be >= 0 "
+                "(0 = synchronous, 1-8 typical for asynchronous runs)"
+            )
+        if self.max_concurrent_groups is not None and self.max_concurrent_groups < 1:
+            raise ValueError(f"rollout.max_concurrent_groups={self.max_concurrent_groups}: must be >= 1 or null")
+        if self.groups_per_generate < 1:
+            raise ValueError(f"rollout.groups_per_generate={self.groups_per_generate}: must be >= 1")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"rollout.max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"rollout.temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p={self.top_p}: must be in (0, 1]")
+        if self.torch_threads < 1:
+            raise ValueError(f"rollout.torch_threads={self.torch_threads}: must be >= 1")
