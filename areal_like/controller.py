@@ -280,7 +280,12 @@ class RLController:
         results = ray.get([w.evaluate.remote(r, i) for w, (r, i) in zip(self.workers, parts) if r])
         rewards = [x for res in results for x in res.rewards]
         accuracy = float(np.mean(rewards))
-        record = {"step": self.step, "when": when, "eval/accuracy": accuracy, "eval/num_prompts": len(rewards)}
+        examples = [
+            {"prompt": r.text, "answer": r.answer, "response": text, "reward": reward}
+            for res, recs in zip(results, parts) for r, text, reward in zip(recs[0], res.responses, res.rewards)
+        ][:8]
+        record = {"step": self.step, "when": when, "eval/accuracy": accuracy, "eval/num_prompts": len(rewards),
+                  "examples": examples}
         with open(os.path.join(self.run_dir, "eval.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         print(f"eval ({when}, step {self.step}): held-out accuracy {accuracy:.3f} on {len(rewards)} prompts",

@@ -1,0 +1,43 @@
+"""Tasks with verifiable rewards, by name: ``get_task("addition")``, or ``make_task(task_config)``.
+
+Reward worker processes import ``areal_like.tasks.arithmetic``, which runs this file: keep its
+imports free of torch (the config type is imported for type checking only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from areal_like.tasks.arithmetic import AdditionTask
+from areal_like.tasks.base import Task
+
+if TYPE_CHECKING:
+    from areal_like.config import TaskConfig
+
+TASKS: dict[str, Task] = {
+    "addition": AdditionTask(),
+}
+"""Each task with its default parameters."""
+
+_BUILDERS: dict[str, Callable[[TaskConfig], Task]] = {
+    "addition": lambda cfg: AdditionTask(max_operand=cfg.max_operand, num_operands=cfg.num_operands),
+}
+"""How to build each task from a TaskConfig (the parameters a config may set)."""
+
+
+def get_task(name: str) -> Task:
+    """The registered task called ``name`` (default parameters); ValueError listing the known names."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+    return TASKS[name]
+
+
+def make_task(cfg: TaskConfig) -> Task:
+    """The task ``cfg.name`` built with the config's parameters (addition: max_operand, num_operands)."""
+    if cfg.name not in _BUILDERS:
+        raise ValueError(f"task.name={cfg.name!r} is unknown; use one of {sorted(_BUILDERS)}")
+    return _BUILDERS[cfg.name](cfg)
+
+
+__all__ = ["TASKS", "AdditionTask", "Task", "get_task", "make_task"]

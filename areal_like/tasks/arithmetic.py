@@ -1,0 +1,91 @@
+"""Addition prompts ("3+5=" -> "8") and their exact-match reward.
+
+This module must not import torch: reward worker processes import it to call ``addition_reward``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import random
+
+from areal_like.tasks.base import Task, check_split_and_num
+from areal_like.tokenizer import EOS_TOKEN
+from areal_like.types import PromptRecord
+
+EVAL_FRACTION = 0.2
+"""Share of the operand tuples held out for the eval split."""
+_ENUMERATE_LIMIT = 10_000
+"""Up to this many operand tuples the split is an exact, enumerated hold-out; above it, a hash bucket."""
+
+
+def addition_reward(response: str, answer: str) -> float:
+    """1.0 if the response, cut at the first eos and stripped, equals the answer exactly, else 0.0."""
+    return 1.0 if response.split(EOS_TOKEN, 1)[0].strip() == answer else 0.0
+
+
+class AdditionTask(Task):
+    """Sums of ``num_operands`` integers in [0, max_operand], e.g. "3+5=" with answer "8".
+
+    Split: the operand tuples ranked by a stable hash; the first ``EVAL_FRACTION`` of them are eval
+    (for single digits: 20 of the 100 pairs), the rest train. Prompts are drawn from the split with
+    replacement. Spaces larger than ``_ENUMERATE_LIMIT`` assign each tuple by its hash bucket instead.
+    """
+
+    name = "addition"
+    reward_fn_path = "areal_like.tasks.arithmetic:addition_reward"
+
+    def __init__(self, max_operand: int = 9, num_operands: int = 2):
+        if max_operand < 1:
+            raise ValueError(f"max_operand={max_operand}; must be >= 1 so both splits are non-empty")
+        if num_operands < 2:
+            raise ValueError(f"num_operands={num_operands}; must be >= 2")
+        self.max_operand = max_operand
+        self.num_operands = num_operands
+        self.space_size = (max_operand + 1) ** num_operands
+        self.max_new_tokens_hint = len(str(max_operand * num_operands)) + 1  # digits + eos
+
+    def __repr__(self) -> str:
+        return f"AdditionTask(max_operand={self.max_operand}, num_operands={self.num_operands})"
+
+    def make_prompts(self, split: str, num: int, seed: int) -> list[PromptRecord]:
+        check_split_and_num(split, num)
+        rng = random.Random(f"{self.name}:{split}:{seed}")
+        records = []
+        for i in range(num):
+            operands = self._sample_operands(split, rng)
+            records.append(
+                PromptRecord(
+                    prompt_id=f"{self.name}:{split}:{seed}:{i}",
+                    text="+".join(map(str, operands)) + "=",
+                    answer=str(sum(operands)),
+                )
+            )
+        return records
+
+    def _sample_operands(self, split: str, rng: random.Random) -> tuple[int, ...]:
+        if self.space_size <= _ENUMERATE_LIMIT:
+            return rng.choice(self._enumerated_splits[split])
+        while True:
+            operands = tuple(rng.randint(0, self.max_operand) for _ in range(self.num_operands))
+            if _is_eval(operands) == (split == "eval"):
+                return operands
+
+    @functools.cached_property
+    def _enumerated_splits(self) -> dict[str, list[tuple[int, ...]]]:
+        ranked = sorted(
+            itertools.product(range(self.max_operand + 1), repeat=self.num_operands), key=_stable_hash
+        )
+        num_eval = max(1, round(EVAL_FRACTION * len(ranked)))
+        return {"eval": ranked[:num_eval], "train": ranked[num_eval:]}
+
+
+def _stable_hash(operands: tuple[int, ...]) -> int:
+    """A hash that is the same in every process and run (Python's ``hash`` of str is salted)."""
+    digest = hashlib.blake2b(",".join(map(str, operands)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _is_eval(operands: tuple[int, ...]) -> bool:
+    return _stable_hash(operands) % 1000 < EVAL_FRACTION * 1000

@@ -1,0 +1,50 @@
+"""Reward functions for tests/unit/test_rewards.py, importable by spawned worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+NOT_CALLABLE = 42
+
+
+def exact(response: str, answer: str) -> float:
+    return 1.0 if response == answer else 0.0
+
+
+def raise_on_boom(response: str, answer: str) -> float:
+    if response == "boom":
+        raise RuntimeError("boom requested")
+    return 1.0
+
+
+def sleep_on_slow(response: str, answer: str) -> float:
+    """Sleeps 30 s for response 'slow' (interruptible: the worker's timer ends it)."""
+    if response == "slow":
+        time.sleep(30)
+    return 1.0
+
+
+def hang_on_slow(response: str, answer: str) -> float:
+    """For response 'slow', disarms the worker's timer, then sleeps: only killing the worker ends it."""
+    if response == "slow":
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        time.sleep(30)
+    return 1.0
+
+
+def exit_on_die(response: str, answer: str) -> float:
+    if response == "die":
+        os._exit(3)
+    return 1.0
+
+
+def odd_returns(response: str, answer: str) -> object:
+    return {"nan": float("nan"), "inf": float("inf"), "str": "1.0", "none": None, "int": 2}[response]
+
+
+def torch_imported(response: str, answer: str) -> float:
+    import sys
+
+    return float("torch" in sys.modules)

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from areal_like.config import TaskConfig
+from areal_like.rewards import resolve_reward_fn
+from areal_like.tasks import TASKS, AdditionTask, get_task, make_task
+from areal_like.tasks.arithmetic import addition_reward
+
+
+def test_get_task_lists_known_names_for_an_unknown_one():
+    assert get_task("addition") is TASKS["addition"]
+    with pytest.raises(ValueError, match=r"'nope'.*\['addition'\]"):
+        get_task("nope")
+
+
+def test_make_task_applies_the_config_parameters():
+    task = make_task(TaskConfig(name="addition", max_operand=99, num_operands=3))
+    assert (task.max_operand, task.num_operands) == (99, 3)
+    with pytest.raises(ValueError, match="task.name='nope'"):
+        make_task(TaskConfig(name="nope"))
+
+
+def test_addition_prompts_are_deterministic_and_correct():
+    task = AdditionTask()
+    prompts = task.make_prompts("train", 50, seed=3)
+    assert prompts == task.make_prompts("train", 50, seed=3)
+    assert prompts != task.make_prompts("train", 50, seed=4)
+    for record in prompts:
+        left, right = record.text.rstrip("=").split("+")
+        assert record.text.endswith("=") and record.answer == str(int(left) + int(right))
+    assert len({r.prompt_id for r in prompts}) == 50
+
+
+def test_single_digit_split_holds_out_exactly_20_pairs():
+    task = AdditionTask()
+    train = {r.text for r in task.make_prompts("train", 2000, seed=0)}
+    eval_ = {r.text for r in task.make_prompts("eval", 500, seed=0)}
+    assert len(train) == 80 and len(eval_) == 20 and not train & eval_
+
+
+def test_large_operand_space_splits_by_hash_without_overlap():
+    task = AdditionTask(max_operand=999, num_operands=3)
+    train = {r.text for r in task.make_prompts("train", 300, seed=0)}
+    eval_ = {r.text for r in task.make_prompts("eval", 300, seed=0)}
+    assert not train & eval_
+    assert task.max_new_tokens_hint == len("2997") + 1
+
+
+def test_addition_reward_is_exact_match_up_to_eos():
+    assert addition_reward("8", "8") == 1.0
+    assert addition_reward(" 8 <eos>9", "8") == 1.0
+    assert addition_reward("08", "8") == 0.0
+    assert addition_reward("8 9", "8") == 0.0
+    assert addition_reward("", "8") == 0.0
+
+
+def test_every_task_reward_resolves_and_its_module_does_not_import_torch():
+    for task in TASKS.values():
+        assert resolve_reward_fn(task.reward_fn_path)("1", "1") == 1.0
+        module = task.reward_fn_path.split(":")[0]
+        code = f"import sys, {module}; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
+        assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0, module
+
+
+@pytest.mark.parametrize(("split", "num"), [("test", 1), ("train", -1)])
+def test_bad_split_or_count_is_rejected(split, num):
+    with pytest.raises(ValueError):
+        AdditionTask().make_prompts(split, num, seed=0)
