@@ -86,7 +86,9 @@ def decoupled_ppo_loss(
         mask = mask * (1.0 - capped)
     token_loss = imp_weight * pg_loss * mask
 
-    denominator = float(mask.sum().item() + capped.sum().item()) if loss_denominator is None else loss_denominator
+    denominator = (
+        float(mask.sum().item() + capped.sum().item()) if loss_denominator is None else loss_denominator
+    )
     loss = token_loss.sum() / max(denominator, 1.0)
 
     with torch.no_grad():

@@ -18,7 +18,8 @@ def _train(args: argparse.Namespace) -> int:
     before = "-" if summary.eval_before is None else f"{summary.eval_before:.3f}"
     after = "-" if summary.eval_after is None else f"{summary.eval_after:.3f}"
     print(
-        f"done: steps {summary.first_step}->{summary.last_step}, held-out accuracy before {before} after {after}, "
+        f"done: steps {summary.first_step}->{summary.last_step}, "
+        f"held-out accuracy before {before} after {after}, "
         f"max staleness {summary.staleness_max} (eta {config.rollout.max_staleness}), "
         f"{summary.train_seconds:.0f}s of training; run dir {summary.run_dir}",
         flush=True,
@@ -33,8 +34,9 @@ def _build_model(args: argparse.Namespace) -> int:
     from areal_like.models import ModelBuildConfig, build_model
 
     try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelBuildConfig),
-                                                  OmegaConf.from_dotlist(args.overrides)))
+        cfg = OmegaConf.to_object(
+            OmegaConf.merge(OmegaConf.structured(ModelBuildConfig), OmegaConf.from_dotlist(args.overrides))
+        )
     except Exception as err:
         raise ConfigError(f"model build options {args.overrides}: {err}") from None
     print(build_model(cfg, args.out, overwrite=args.overwrite))
@@ -73,7 +75,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from areal_like.config import ConfigError
 
     try:

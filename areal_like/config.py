@@ -49,7 +49,9 @@ class RunSection:
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 0:
-            raise ValueError(f"run.checkpoint_every={self.checkpoint_every}: must be >= 0 (0 = only at the end)")
+            raise ValueError(
+                f"run.checkpoint_every={self.checkpoint_every}: must be >= 0 (0 = only at the end)"
+            )
         if self.keep_checkpoints < 1:
             raise ValueError(f"run.keep_checkpoints={self.keep_checkpoints}: must be >= 1")
         if self.log_every < 1:
@@ -109,7 +111,13 @@ class TaskConfig:
     """Reward worker processes per rollout worker."""
 
     def __post_init__(self) -> None:
-        for name in ("max_operand", "num_operands", "num_train_prompts", "num_eval_prompts", "reward_workers"):
+        for name in (
+            "max_operand",
+            "num_operands",
+            "num_train_prompts",
+            "num_eval_prompts",
+            "reward_workers",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"task.{name}={getattr(self, name)}: must be >= 1")
         if self.reward_timeout_s <= 0:
@@ -165,7 +173,9 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
     for key in node:
         path = f"{prefix}{key}"
         keys.append(path)
-        child = OmegaConf.select(node, str(key), throw_on_missing=False) if OmegaConf.is_config(node) else None
+        child = (
+            OmegaConf.select(node, str(key), throw_on_missing=False) if OmegaConf.is_config(node) else None
+        )
         if OmegaConf.is_dict(child):
             keys.extend(_all_keys(child, prefix=path + "."))
     return keys
@@ -176,8 +186,12 @@ def _unknown_key_error(schema: Any, key: str, source: str) -> ConfigError:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     section = key.rsplit(".", 1)[0] if "." in key else ""
-    siblings = sorted(k.rsplit(".", 1)[-1] for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == section)
-    return ConfigError(f"unknown config key '{key}' in {source}.{hint} Keys allowed here: {', '.join(siblings)}")
+    siblings = sorted(
+        k.rsplit(".", 1)[-1] for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == section
+    )
+    return ConfigError(
+        f"unknown config key '{key}' in {source}.{hint} Keys allowed here: {', '.join(siblings)}"
+    )
 
 
 def _merge(schema: Any, update: Any, source: str) -> Any:
@@ -196,7 +210,9 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
     schema = OmegaConf.structured(Config)
     if path is not None:
         if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path!r} (recipes live in configs/, e.g. configs/quickstart.yaml)")
+            raise ConfigError(
+                f"config file not found: {path!r} (recipes live in configs/, e.g. configs/quickstart.yaml)"
+            )
         try:
             recipe = OmegaConf.load(path)
         except Exception as err:  # yaml errors carry the line number
@@ -215,7 +231,9 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
         schema = _merge(schema, parsed, "overrides")
     missing = sorted(OmegaConf.missing_keys(schema))
     if missing:
-        raise ConfigError(f"config keys without a value: {', '.join(missing)} (set them in the recipe or as key=value)")
+        raise ConfigError(
+            f"config keys without a value: {', '.join(missing)} (set them in the recipe or as key=value)"
+        )
     try:
         return OmegaConf.to_object(schema)
     except ValueError as err:

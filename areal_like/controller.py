@@ -21,6 +21,7 @@ Actors and dataflow (all Ray, every actor asks for 0 CPUs so a 2-core machine ne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from areal_like import checkpoint as ckpt
 from areal_like.config import Config, to_yaml
 from areal_like.dispatch import PromptDispatcher
 from areal_like.metrics import JsonlSink, MetricsLogger, TensorBoardSink, progress_line, truncate_after_step
-from areal_like.prompts import PromptSets, load_prompt_sets
+from areal_like.prompts import PromptSets, load_prompt_records, tokenize_prompts
 from areal_like.staleness import min_allowed_version
 from datastore import make_datastore
 from datastore.types import DataStoreTimeout, SampleMeta
@@ -58,6 +59,8 @@ class RunSummary:
     staleness_max: int
     evicted_groups: int
     train_seconds: float
+    start_weights_digest: str
+    """sha256 of the policy weights the run started training from (restored ones on resume)."""
 
 
 class RLController:
@@ -70,12 +73,16 @@ class RLController:
 
     # ---- the loop ----------------------------------------------------------------------------------
     def run(self) -> RunSummary:
+        self.prompt_records = load_prompt_records(self.config.task, self.config.run.seed)
         self.prepare_run_dir()
         self.start_ray()
         try:
             self.build()
             resumed_from = self.maybe_resume()
             first_step = self.step
+            self.start_digest = next(
+                d for d in ray.get([t.weights_digest.remote() for t in self.trainers]) if d
+            )
             self.sync_weights(self.version)
             eval_before = self.evaluate("before") if resumed_from is None else None
             self.start_rollouts()
@@ -116,17 +123,30 @@ class RLController:
     def build(self) -> None:
         cfg = self.config
         self.model_path = self._model_path()
-        self.prompts: PromptSets = load_prompt_sets(cfg.task, self.model_path, cfg.run.seed)
+        self.prompts: PromptSets = tokenize_prompts(self.prompt_records, self.model_path)
         self.store = make_datastore(cfg.datastore)
-        self.dispatcher = ray.remote(PromptDispatcher).options(num_cpus=0).remote(
-            self.prompts.train, self.prompts.train_ids, cfg.rollout.group_size, cfg.train.batch_groups,
-            cfg.rollout.max_staleness, cfg.max_concurrent_groups, cfg.run.seed,
+        self.dispatcher = (
+            ray.remote(PromptDispatcher)
+            .options(num_cpus=0)
+            .remote(
+                self.prompts.train,
+                self.prompts.train_ids,
+                cfg.rollout.group_size,
+                cfg.train.batch_groups,
+                cfg.rollout.max_staleness,
+                cfg.max_concurrent_groups,
+                cfg.run.seed,
+            )
         )
         self.trainers = self._make_trainers()
         self.workers = self._make_workers(version=0)
         ray.get([t.ping.remote() for t in self.trainers], timeout=600)
-        logger.info("built %d trainer rank(s), %d rollout worker(s), %d storage unit(s)",
-                    len(self.trainers), len(self.workers), cfg.datastore.num_storage_units)
+        logger.info(
+            "built %d trainer rank(s), %d rollout worker(s), %d storage unit(s)",
+            len(self.trainers),
+            len(self.workers),
+            cfg.datastore.num_storage_units,
+        )
 
     def maybe_resume(self) -> str | None:
         if not self.config.run.resume:
@@ -141,8 +161,14 @@ class RLController:
         ckpt.restore_rng(state.rng)
         self.step, self.version = state.step, state.version
         dropped = truncate_after_step(os.path.join(self.run_dir, "metrics.jsonl"), self.step)
-        logger.info("resumed from %s: step %d, version %d, %d buffered groups restored%s", path, self.step,
-                    self.version, len(buffered), f", {dropped} metric lines after it dropped" if dropped else "")
+        logger.info(
+            "resumed from %s: step %d, version %d, %d buffered groups restored%s",
+            path,
+            self.step,
+            self.version,
+            len(buffered),
+            f", {dropped} metric lines after it dropped" if dropped else "",
+        )
         print(f"resuming from {path} at step {self.step}", flush=True)
         return path
 
@@ -176,7 +202,8 @@ class RLController:
             if now > deadline:
                 gate = ray.get(self.dispatcher.gate_state.remote())
                 raise TimeoutError(
-                    f"controller: no batch of {cfg.train.batch_groups} groups (min version {min_version}) after "
+                    f"controller: no batch of {cfg.train.batch_groups} groups (min version {min_version}) "
+                    "after "
                     f"{cfg.datastore.get_timeout_s:.0f}s at step {self.step}; gate {gate}; datastore "
                     f"{self.store.stats()}; workers {[asdict(h) for h in self._check_workers()]}"
                 )
@@ -184,7 +211,9 @@ class RLController:
     def train(self, batch: list[SampleMeta]) -> tuple[list[TrainStats], float]:
         start = time.perf_counter()
         shards = assign_groups_to_ranks(batch, len(self.trainers))
-        stats = ray.get([t.train_step.remote(self.store, shard) for t, shard in zip(self.trainers, shards)])
+        stats = ray.get(
+            [t.train_step.remote(self.store, shard) for t, shard in zip(self.trainers, shards, strict=True)]
+        )
         self.store.release([m.sample_id for m in batch])
         return stats, time.perf_counter() - start
 
@@ -276,20 +305,29 @@ class RLController:
         if not self.config.eval.enabled:
             return None
         records, ids = self.prompts.eval, self.prompts.eval_ids
-        parts = [(records[i :: len(self.workers)], ids[i :: len(self.workers)]) for i in range(len(self.workers))]
-        results = ray.get([w.evaluate.remote(r, i) for w, (r, i) in zip(self.workers, parts) if r])
+        n = len(self.workers)
+        shards = [(w, records[i::n], ids[i::n]) for i, w in enumerate(self.workers) if records[i::n]]
+        results = ray.get([w.evaluate.remote(recs, toks) for w, recs, toks in shards])
         rewards = [x for res in results for x in res.rewards]
         accuracy = float(np.mean(rewards))
         examples = [
             {"prompt": r.text, "answer": r.answer, "response": text, "reward": reward}
-            for res, recs in zip(results, parts) for r, text, reward in zip(recs[0], res.responses, res.rewards)
+            for res, (_, recs, _) in zip(results, shards, strict=True)
+            for r, text, reward in zip(recs, res.responses, res.rewards, strict=True)
         ][:8]
-        record = {"step": self.step, "when": when, "eval/accuracy": accuracy, "eval/num_prompts": len(rewards),
-                  "examples": examples}
+        record = {
+            "step": self.step,
+            "when": when,
+            "eval/accuracy": accuracy,
+            "eval/num_prompts": len(rewards),
+            "examples": examples,
+        }
         with open(os.path.join(self.run_dir, "eval.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
-        print(f"eval ({when}, step {self.step}): held-out accuracy {accuracy:.3f} on {len(rewards)} prompts",
-              flush=True)
+        print(
+            f"eval ({when}, step {self.step}): held-out accuracy {accuracy:.3f} on {len(rewards)} prompts",
+            flush=True,
+        )
         return accuracy
 
     def stop_rollouts(self) -> None:
@@ -297,10 +335,16 @@ class RLController:
 
     def finish(self, first_step, eval_before, eval_after, train_seconds) -> RunSummary:
         summary = RunSummary(
-            run_dir=self.run_dir, first_step=first_step, last_step=self.step, version=self.version,
-            eval_before=eval_before, eval_after=eval_after, staleness_max=self.staleness_max_seen,
+            run_dir=self.run_dir,
+            first_step=first_step,
+            last_step=self.step,
+            version=self.version,
+            eval_before=eval_before,
+            eval_after=eval_after,
+            staleness_max=self.staleness_max_seen,
             evicted_groups=ray.get(self.dispatcher.gate_state.remote()).evicted_total,
             train_seconds=train_seconds,
+            start_weights_digest=self.start_digest,
         )
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
             json.dump(asdict(summary), f, indent=2)
@@ -315,10 +359,8 @@ class RLController:
         if metrics is not None:
             metrics.close()
         for worker in getattr(self, "workers", []):
-            try:
+            with contextlib.suppress(Exception):  # a dead worker has nothing left to close
                 ray.get(worker.close.remote(), timeout=30)
-            except Exception:  # a dead worker has nothing left to close
-                pass
         store = getattr(self, "store", None)
         if store is not None:
             store.shutdown()
@@ -360,8 +402,17 @@ class RLController:
         port = _free_port()
         actor = ray.remote(TrainerRank).options(num_cpus=0, max_concurrency=1)
         return [
-            actor.remote(cfg.train, rank, n, "127.0.0.1", port, self.model_path, samples_per_rank,
-                         cfg.rollout.temperature, cfg.run.seed)
+            actor.remote(
+                cfg.train,
+                rank,
+                n,
+                "127.0.0.1",
+                port,
+                self.model_path,
+                samples_per_rank,
+                cfg.rollout.temperature,
+                cfg.run.seed,
+            )
             for rank in range(n)
         ]
 
@@ -370,8 +421,18 @@ class RLController:
         actor = ray.remote(RolloutWorker).options(num_cpus=0, max_concurrency=4)
         seed = cfg.run.seed * 7919 + self.step * 104729
         return [
-            actor.remote(i, cfg.rollout, self.model_path, self.prompts.reward_fn_path, cfg.task.reward_timeout_s,
-                         cfg.task.reward_workers, self.dispatcher, self.store, seed + i, version)
+            actor.remote(
+                i,
+                cfg.rollout,
+                self.model_path,
+                self.prompts.reward_fn_path,
+                cfg.task.reward_timeout_s,
+                cfg.task.reward_workers,
+                self.dispatcher,
+                self.store,
+                seed + i,
+                version,
+            )
             for i in range(cfg.rollout.num_workers)
         ]
 

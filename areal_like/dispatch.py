@@ -140,8 +140,12 @@ class PromptDispatcher:
         lost = [index for gid, index in sorted(state.in_flight.items()) if gid not in buffered]
         self._requeue = [*state.requeue, *lost]
         self._in_flight = {}
-        logger.info("dispatcher resumed at epoch %d position %d; %d prompts requeued", self._epoch,
-                    self._position, len(self._requeue))
+        logger.info(
+            "dispatcher resumed at epoch %d position %d; %d prompts requeued",
+            self._epoch,
+            self._position,
+            len(self._requeue),
+        )
 
     # ---- internals ---------------------------------------------------------------------------------
     def _order_for_epoch(self, epoch: int) -> list[int]:

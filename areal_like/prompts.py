@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from areal_like.config import TaskConfig
+from areal_like.config import ConfigError, TaskConfig
 from areal_like.types import PromptRecord
 
 logger = logging.getLogger(__name__)
@@ -21,31 +21,61 @@ class PromptSets:
     """Import path of the reward function every rollout worker runs in its reward pool."""
 
 
-def load_prompt_sets(cfg: TaskConfig, model_path: str, seed: int) -> PromptSets:
+@dataclass
+class PromptRecords:
+    train: list[PromptRecord]
+    eval: list[PromptRecord]
+    reward_fn_path: str
+
+
+def load_prompt_records(cfg: TaskConfig, seed: int) -> PromptRecords:
+    """Prompts from files or the task, and the reward function checked importable. Runs before any
+    actor starts, so a malformed prompt file or a bad reward path fails the run at once, as a
+    ``ConfigError`` naming the file and line (or the import path)."""
     from areal_like.data import load_prompts
-    from areal_like.models import load_tokenizer
     from areal_like.rewards import resolve_reward_fn
     from areal_like.tasks import make_task
 
-    task = make_task(cfg)
-    if cfg.train_path:
-        loaded = load_prompts(cfg.train_path, cfg.prompt_key, cfg.answer_key, skip_malformed=cfg.skip_malformed)
-        train = loaded.records
-    else:
-        train = task.make_prompts("train", cfg.num_train_prompts, seed)
-    if cfg.eval_path:
-        loaded = load_prompts(cfg.eval_path, cfg.prompt_key, cfg.answer_key, skip_malformed=cfg.skip_malformed)
-        held_out = loaded.records
-    else:
-        held_out = task.make_prompts("eval", cfg.num_eval_prompts, seed)
-    reward_fn_path = cfg.reward_fn or task.reward_fn_path
-    resolve_reward_fn(reward_fn_path)  # fail now, not inside a worker, if it cannot be imported
+    def from_file(path: str) -> list[PromptRecord]:
+        return load_prompts(path, cfg.prompt_key, cfg.answer_key, skip_malformed=cfg.skip_malformed).records
+
+    try:
+        task = make_task(cfg)
+        train = (
+            from_file(cfg.train_path)
+            if cfg.train_path
+            else task.make_prompts("train", cfg.num_train_prompts, seed)
+        )
+        held_out = (
+            from_file(cfg.eval_path)
+            if cfg.eval_path
+            else task.make_prompts("eval", cfg.num_eval_prompts, seed)
+        )
+        reward_fn_path = cfg.reward_fn or task.reward_fn_path
+        resolve_reward_fn(reward_fn_path)  # fail now, not inside a worker, if it cannot be imported
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        raise ConfigError(f"task: {err}") from None
+    logger.info("prompts: %d train, %d held-out; reward %s", len(train), len(held_out), reward_fn_path)
+    return PromptRecords(train, held_out, reward_fn_path)
+
+
+def tokenize_prompts(records: PromptRecords, model_path: str) -> PromptSets:
+    """Token ids of every prompt with the model's tokenizer; characters outside its vocabulary fail
+    here, naming the prompt, instead of being dropped silently."""
+    from areal_like.models import load_tokenizer
+    from areal_like.tokenizer import encode_checked
 
     tokenizer = load_tokenizer(model_path)
 
-    def encode(records: list[PromptRecord]) -> list[list[int]]:
-        return [tokenizer.encode(r.text, add_special_tokens=False) for r in records]
+    def encode(items: list[PromptRecord]) -> list[list[int]]:
+        ids = []
+        for r in items:
+            try:
+                ids.append(encode_checked(tokenizer, r.text))
+            except ValueError as err:
+                raise ValueError(f"prompt {r.prompt_id!r}: {err}") from None
+        return ids
 
-    sets = PromptSets(train, encode(train), held_out, encode(held_out), reward_fn_path)
-    logger.info("prompts: %d train, %d held-out; reward %s", len(train), len(held_out), reward_fn_path)
-    return sets
+    return PromptSets(
+        records.train, encode(records.train), records.eval, encode(records.eval), records.reward_fn_path
+    )

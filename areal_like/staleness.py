@@ -35,7 +35,8 @@ class StalenessGate:
         if batch_groups < 1 or max_staleness < 0 or max_concurrent < 1:
             raise ValueError(
                 f"StalenessGate(batch_groups={batch_groups}, max_staleness={max_staleness}, "
-                f"max_concurrent={max_concurrent}): need batch_groups >= 1, max_staleness >= 0, max_concurrent >= 1"
+                f"max_concurrent={max_concurrent}): need batch_groups >= 1, max_staleness >= 0, "
+                "max_concurrent >= 1"
             )
         self.batch_groups = batch_groups
         self.max_staleness = max_staleness

@@ -196,8 +196,9 @@ class DataStoreClient:
         logger.info("datastore: snapshot of %d samples unconsumed by %r -> %s", len(metas), task, path)
         return len(metas)
 
-    def restore(self, path: str) -> int:
-        """Put a snapshot's samples back (into a fresh store), oldest first; returns how many."""
+    def restore(self, path: str) -> list[int]:
+        """Put a snapshot's samples back (into a fresh store), oldest first; returns the restored
+        group ids in that order (the dispatcher uses them to decide which prompts to requeue)."""
         with open(path, "rb") as f:
             snapshot = pickle.load(f)
         if not isinstance(snapshot, StoreSnapshot) or snapshot.format_version != 1:
@@ -205,7 +206,7 @@ class DataStoreClient:
         for start in range(0, len(snapshot.samples), _RESTORE_CHUNK_SAMPLES):
             self.put(snapshot.samples[start : start + _RESTORE_CHUNK_SAMPLES])
         logger.info("datastore: restored %d samples from %s", len(snapshot.samples), path)
-        return len(snapshot.samples)
+        return list(dict.fromkeys(sample.group_id for sample in snapshot.samples))
 
     def shutdown(self) -> None:
         """Kill the controller and the units; the data is gone. Safe to call twice."""

@@ -46,7 +46,9 @@ class RolloutConfig:
                 "(0 = synchronous, 1-8 typical for asynchronous runs)"
             )
         if self.max_concurrent_groups is not None and self.max_concurrent_groups < 1:
-            raise ValueError(f"rollout.max_concurrent_groups={self.max_concurrent_groups}: must be >= 1 or null")
+            raise ValueError(
+                f"rollout.max_concurrent_groups={self.max_concurrent_groups}: must be >= 1 or null"
+            )
         if self.groups_per_generate < 1:
             raise ValueError(f"rollout.groups_per_generate={self.groups_per_generate}: must be >= 1")
         if self.max_new_tokens < 1:

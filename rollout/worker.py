@@ -89,7 +89,9 @@ class RolloutWorker:
         self.rewards = RewardPool(reward_fn_path, num_workers=reward_workers, timeout_s=reward_timeout_s)
         eos = self.tokenizer.eos_token_id
         self.params = SamplingParams(
-            max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_p=config.top_p,
             stop_token_ids=(eos,) if eos is not None else (),
         )
         self._generate_lock = threading.Lock()  # one generate call at a time (loop or eval)
@@ -141,11 +143,11 @@ class RolloutWorker:
         generated = time.perf_counter()
         owners = [g for g in groups for _ in range(g.num_samples)]
         texts = [self._decode(o.response_ids) for o in outputs]
-        scores = self.rewards.score([(text, g.prompt.answer) for text, g in zip(texts, owners)])
+        scores = self.rewards.score([(text, g.prompt.answer) for text, g in zip(texts, owners, strict=True)])
         scored = time.perf_counter()
 
         writes = []
-        for i, (output, group, score) in enumerate(zip(outputs, owners, scores)):
+        for i, (output, group, score) in enumerate(zip(outputs, owners, scores, strict=True)):
             trajectory = Trajectory(
                 group_id=group.group_id,
                 index=i % group.num_samples,
@@ -182,12 +184,14 @@ class RolloutWorker:
     def evaluate(self, records: list[PromptRecord], prompt_ids: list[list[int]]) -> EvalResult:
         """Greedy decoding on held-out prompts, scored with the training reward."""
         params = SamplingParams(
-            max_new_tokens=self.params.max_new_tokens, temperature=0.0, stop_token_ids=self.params.stop_token_ids
+            max_new_tokens=self.params.max_new_tokens,
+            temperature=0.0,
+            stop_token_ids=self.params.stop_token_ids,
         )
         with self._generate_lock:
             outputs = self.engine.generate(prompt_ids, params)
         texts = [self._decode(o.response_ids) for o in outputs]
-        scores = self.rewards.score([(text, r.answer) for text, r in zip(texts, records)])
+        scores = self.rewards.score([(text, r.answer) for text, r in zip(texts, records, strict=True)])
         return EvalResult([r.prompt_id for r in records], [s.value for s in scores], texts)
 
     def health(self) -> WorkerHealth:

@@ -47,7 +47,14 @@ class TrainConfig:
     """Timeout of every collective between trainer ranks."""
 
     def __post_init__(self) -> None:
-        positive = ("max_steps", "batch_groups", "num_ranks", "micro_batch_size", "ppo_minibatches", "torch_threads")
+        positive = (
+            "max_steps",
+            "batch_groups",
+            "num_ranks",
+            "micro_batch_size",
+            "ppo_minibatches",
+            "torch_threads",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)}: must be >= 1")
@@ -65,5 +72,6 @@ class TrainConfig:
             raise ValueError(f"train.eps_clip_high={self.eps_clip_high}: must be > 0 or null")
         if self.behav_imp_weight_cap is not None and self.behav_imp_weight_cap <= 1:
             raise ValueError(
-                f"train.behav_imp_weight_cap={self.behav_imp_weight_cap}: must be > 1 (e.g. 5.0) or null for no cap"
+                f"train.behav_imp_weight_cap={self.behav_imp_weight_cap}: must be > 1 (e.g. 5.0) "
+                "or null for no cap"
             )

@@ -70,8 +70,11 @@ class TrainerRank:
         self.world_size = world_size
         self.temperature = temperature
         os.environ.update(
-            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-            WORLD_SIZE=str(world_size), LOCAL_RANK="0",
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK="0",
         )
         import deepspeed
         from transformers import AutoModelForCausalLM
@@ -79,7 +82,9 @@ class TrainerRank:
         on_gpu = torch.cuda.is_available()
         self.device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
         deepspeed.init_distributed(
-            dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, verbose=False,
+            dist_backend="nccl" if on_gpu else "gloo",
+            auto_mpi_discovery=False,
+            verbose=False,
             timeout=datetime.timedelta(seconds=config.dist_timeout_s),
         )
         torch.manual_seed(seed + rank)
@@ -109,9 +114,16 @@ class TrainerRank:
             "bf16": {"enabled": on_gpu},
             "steps_per_print": 10**9,
         }
-        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
-        logger.info("trainer rank %d/%d ready: ZeRO-%d, %d micro-batches per minibatch", rank, world_size,
-                    config.zero_stage, self.micro_per_minibatch)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=ds_config
+        )
+        logger.info(
+            "trainer rank %d/%d ready: ZeRO-%d, %d micro-batches per minibatch",
+            rank,
+            world_size,
+            config.zero_stage,
+            self.micro_per_minibatch,
+        )
 
     # ---- the train step ------------------------------------------------------------------------
     def train_step(self, store, samples_meta: list) -> TrainStats:
@@ -123,12 +135,16 @@ class TrainerRank:
         advantages = grpo_advantages(rewards, group_ids, std_norm=self.config.adv_std_norm)
         samples = [
             SequenceSample(c["prompt_ids"], c["response_ids"], c["behav_logprobs"], c["versions"], float(a))
-            for c, a in zip(columns, advantages.tolist())
+            for c, a in zip(columns, advantages.tolist(), strict=True)
         ]
         t1 = time.perf_counter()
 
         minibatches = [
-            [collate(part, self.pad_id).to(self.device) for part in split_even(mb, self.micro_per_minibatch) if part]
+            [
+                collate(part, self.pad_id).to(self.device)
+                for part in split_even(mb, self.micro_per_minibatch)
+                if part
+            ]
             for mb in split_even(samples, self.config.ppo_minibatches)
         ]
         prox = [[self._prox_logp(micro) for micro in mb] for mb in minibatches]
@@ -136,7 +152,7 @@ class TrainerRank:
 
         totals = dict(loss=0.0, tokens=0.0, clipped=0.0, imp_sum=0.0, imp_max=0.0, capped=0.0, diff=0.0)
         grad_norm = 0.0
-        for mb, mb_prox in zip(minibatches, prox):
+        for mb, mb_prox in zip(minibatches, prox, strict=True):
             global_tokens = self._all_reduce_sum(sum(m.num_loss_tokens for m in mb))
             # The engine averages gradients over ranks; scaling by world_size makes the update the
             # sum of per-token losses over the global batch divided by the global token count.
@@ -144,14 +160,20 @@ class TrainerRank:
             # Every minibatch has exactly gradient_accumulation_steps micro-batches (the config
             # check makes minibatch sizes equal), so DeepSpeed's boundary lands on the last one.
             assert len(mb) == self.micro_per_minibatch, (len(mb), self.micro_per_minibatch)
-            for micro, prox_logp in zip(mb, mb_prox):
+            for micro, prox_logp in zip(mb, mb_prox, strict=True):
                 logits = self.engine(input_ids=micro.input_ids, attention_mask=micro.attention_mask).logits
                 logp = token_logprobs(logits, micro.targets, self.temperature)
                 loss, stats = decoupled_ppo_loss(
-                    logp, prox_logp, micro.behav_logp, micro.advantages, micro.loss_mask,
-                    eps_clip=self.config.eps_clip, eps_clip_high=self.config.eps_clip_high,
+                    logp,
+                    prox_logp,
+                    micro.behav_logp,
+                    micro.advantages,
+                    micro.loss_mask,
+                    eps_clip=self.config.eps_clip,
+                    eps_clip_high=self.config.eps_clip_high,
                     behav_imp_weight_cap=self.config.behav_imp_weight_cap,
-                    use_decoupled_loss=self.config.use_decoupled_loss, loss_denominator=global_tokens,
+                    use_decoupled_loss=self.config.use_decoupled_loss,
+                    loss_denominator=global_tokens,
                 )
                 self.engine.backward(loss * scale, scale_wrt_gas=False)
                 self.engine.step()

@@ -54,7 +54,7 @@ class AdditionTask(Task):
         rng = random.Random(f"{self.name}:{split}:{seed}")
         records = []
         for i in range(num):
-            operands = self._sample_operands(split, rng)
+            operands = self._eval_operands(i) if split == "eval" else self._sample_operands(split, rng)
             records.append(
                 PromptRecord(
                     prompt_id=f"{self.name}:{split}:{seed}:{i}",
@@ -63,6 +63,14 @@ class AdditionTask(Task):
                 )
             )
         return records
+
+    def _eval_operands(self, i: int) -> tuple[int, ...]:
+        # Held-out prompts cycle through the enumerated eval tuples, so an eval of at least that many
+        # prompts covers every held-out tuple equally (a random draw would repeat some, miss others).
+        if self.space_size <= _ENUMERATE_LIMIT:
+            held_out = self._enumerated_splits["eval"]
+            return held_out[i % len(held_out)]
+        return self._sample_operands("eval", random.Random(f"{self.name}:eval:{i}"))
 
     def _sample_operands(self, split: str, rng: random.Random) -> tuple[int, ...]:
         if self.space_size <= _ENUMERATE_LIMIT:

@@ -40,8 +40,9 @@ def test_decoupled_loss_matches_the_per_token_reference(decoupled, cap):
     behav = torch.tensor([[c[2] for c in CASES]])
     adv = torch.tensor([[c[3] for c in CASES]])
     mask = torch.ones_like(prox)
-    loss, stats = decoupled_ppo_loss(logp, prox, behav, adv, mask, eps_clip=0.2, behav_imp_weight_cap=cap,
-                                     use_decoupled_loss=decoupled)
+    loss, stats = decoupled_ppo_loss(
+        logp, prox, behav, adv, mask, eps_clip=0.2, behav_imp_weight_cap=cap, use_decoupled_loss=decoupled
+    )
     per_token = [reference_token_loss(*c, 0.2, 0.2, cap, decoupled) for c in CASES]
     expected = sum(v for v, _ in per_token) / len(CASES)  # denominator keeps the masked tokens
     assert loss.item() == pytest.approx(expected, rel=1e-5)
@@ -51,20 +52,34 @@ def test_decoupled_loss_matches_the_per_token_reference(decoupled, cap):
 def test_decoupled_loss_hand_computed_numbers():
     # One token, logp = prox (u = 1, inside the clip), A = 1, prox - behav = 0.5:
     # loss = -w * A * u = -e^0.5 = -1.6487
-    loss, _ = decoupled_ppo_loss(torch.tensor([[-1.0]]), torch.tensor([[-1.0]]), torch.tensor([[-1.5]]),
-                                 torch.tensor([1.0]), torch.ones(1, 1), eps_clip=0.2)
+    loss, _ = decoupled_ppo_loss(
+        torch.tensor([[-1.0]]),
+        torch.tensor([[-1.0]]),
+        torch.tensor([[-1.5]]),
+        torch.tensor([1.0]),
+        torch.ones(1, 1),
+        eps_clip=0.2,
+    )
     assert loss.item() == pytest.approx(-1.6487213, abs=1e-6)
     # Standard PPO on the same token ignores the proximal policy: u = e^(-1 + 1.5) = 1.6487 is
     # clipped to 1.2 for A = 1, so loss = max(-1.6487, -1.2) = -1.2
-    loss, _ = decoupled_ppo_loss(torch.tensor([[-1.0]]), torch.tensor([[-1.0]]), torch.tensor([[-1.5]]),
-                                 torch.tensor([1.0]), torch.ones(1, 1), eps_clip=0.2, use_decoupled_loss=False)
+    loss, _ = decoupled_ppo_loss(
+        torch.tensor([[-1.0]]),
+        torch.tensor([[-1.0]]),
+        torch.tensor([[-1.5]]),
+        torch.tensor([1.0]),
+        torch.ones(1, 1),
+        eps_clip=0.2,
+        use_decoupled_loss=False,
+    )
     assert loss.item() == pytest.approx(-1.2, abs=1e-6)
 
 
 def test_clip_higher_uses_the_upper_bound_only_above_one():
     logp, prox = torch.tensor([[0.0]]), torch.tensor([[-0.25]])  # u = e^0.25 = 1.284
-    loss, _ = decoupled_ppo_loss(logp, prox, prox, torch.tensor([1.0]), torch.ones(1, 1), eps_clip=0.2,
-                                 eps_clip_high=0.28)
+    loss, _ = decoupled_ppo_loss(
+        logp, prox, prox, torch.tensor([1.0]), torch.ones(1, 1), eps_clip=0.2, eps_clip_high=0.28
+    )
     assert loss.item() == pytest.approx(-1.28, abs=1e-6)
 
 
@@ -72,8 +87,9 @@ def test_loss_denominator_is_the_global_token_count():
     logp = torch.zeros(2, 3)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     loss_local, _ = decoupled_ppo_loss(logp, logp, logp, torch.tensor([1.0, 1.0]), mask, eps_clip=0.2)
-    loss_global, _ = decoupled_ppo_loss(logp, logp, logp, torch.tensor([1.0, 1.0]), mask, eps_clip=0.2,
-                                        loss_denominator=12.0)
+    loss_global, _ = decoupled_ppo_loss(
+        logp, logp, logp, torch.tensor([1.0, 1.0]), mask, eps_clip=0.2, loss_denominator=12.0
+    )
     assert loss_local.item() == pytest.approx(-1.0)
     assert loss_global.item() == pytest.approx(-3.0 / 12.0)
 
@@ -81,8 +97,9 @@ def test_loss_denominator_is_the_global_token_count():
 def test_gradient_flows_only_through_the_current_policy():
     logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
     prox = torch.tensor([[-1.0, -2.0]], requires_grad=True)
-    loss, _ = decoupled_ppo_loss(logp, prox, torch.tensor([[-1.0, -2.0]]), torch.tensor([1.0]), torch.ones(1, 2),
-                                 eps_clip=0.2)
+    loss, _ = decoupled_ppo_loss(
+        logp, prox, torch.tensor([[-1.0, -2.0]]), torch.tensor([1.0]), torch.ones(1, 2), eps_clip=0.2
+    )
     loss.backward()
     assert prox.grad is None or torch.all(prox.grad == 0)
     assert torch.allclose(logp.grad, torch.tensor([[-0.5, -0.5]]))  # d(-u/2)/dlogp at u = 1

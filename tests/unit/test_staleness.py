@@ -58,8 +58,15 @@ def test_batch_time_bound_is_hard():
 
 def _dispatcher(n=5, eta=0, batch=2):
     prompts = [PromptRecord(f"p{i}", f"{i}+0=", str(i)) for i in range(n)]
-    return PromptDispatcher(prompts, [[i] for i in range(n)], group_size=4, batch_groups=batch,
-                            max_staleness=eta, max_concurrent=100, seed=3)
+    return PromptDispatcher(
+        prompts,
+        [[i] for i in range(n)],
+        group_size=4,
+        batch_groups=batch,
+        max_staleness=eta,
+        max_concurrent=100,
+        seed=3,
+    )
 
 
 def test_dispatcher_hands_out_each_prompt_once_per_epoch():
