@@ -50,6 +50,17 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from areal_like import bench
+
+    try:
+        return bench.run(args.name, args.args)
+    except ValueError as err:
+        from areal_like.config import ConfigError
+
+        raise ConfigError(str(err)) from None
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="areal-like", description="Asynchronous RL post-training for LLMs.")
     parser.add_argument("--log-level", default=os.environ.get("AREAL_LIKE_LOG_LEVEL", "WARNING"))
@@ -70,6 +81,10 @@ def make_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir")
     plot.add_argument("--out", default=None)
     plot.set_defaults(func=_plot)
+    bench = sub.add_parser("bench", help="run a benchmark (areal_like/bench/NAME.py); last line is JSON")
+    bench.add_argument("name")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    bench.set_defaults(func=_bench)
     return parser
 
 
