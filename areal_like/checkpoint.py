@@ -39,6 +39,8 @@ class RunState:
     dispatcher: DispatcherState
     rng: dict
     num_buffered_samples: int
+    model_path: str
+    """The model directory the run started from (architecture and tokenizer for export)."""
 
 
 def capture_rng() -> dict:

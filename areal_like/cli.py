@@ -50,6 +50,35 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from areal_like.evaluation import evaluate
+
+    report = evaluate(
+        args.checkpoint,
+        data=args.data,
+        k=args.k,
+        samples_per_prompt=args.samples,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        reward_fn=args.reward_fn,
+        out=args.out,
+    )
+    print(
+        f"{report.num_prompts} prompts x {report.samples_per_prompt} samples "
+        f"(temperature {report.temperature}): "
+        f"pass@1 {report.pass_at_1:.3f}, pass@{report.k} {report.pass_at_k:.3f}"
+        + (f"; report {args.out}" if args.out else "")
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from areal_like.export import export_checkpoint
+
+    print(export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from areal_like import bench
 
@@ -77,6 +106,29 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("overrides", nargs="*", help="ModelBuildConfig fields as key=value, e.g. num_layers=4")
     build.set_defaults(func=_build_model)
 
+    ev = sub.add_parser("eval", help="pass@1 / pass@k of a checkpoint or HF model dir on a prompt set")
+    ev.add_argument(
+        "--checkpoint", required=True, help="checkpoint dir, run dir (latest checkpoint) or HF model dir"
+    )
+    ev.add_argument(
+        "--data", default=None, help="jsonl/parquet prompts (default: the run's held-out prompts)"
+    )
+    ev.add_argument("--k", type=int, default=1)
+    ev.add_argument("--samples", type=int, default=None, help="samples per prompt (default: k)")
+    ev.add_argument(
+        "--temperature", type=float, default=None, help="default: 0 (greedy) for 1 sample, else 1"
+    )
+    ev.add_argument("--max-new-tokens", type=int, default=None)
+    ev.add_argument("--reward-fn", default=None, help="'package.module:function' (default: the run's task)")
+    ev.add_argument("--out", default=None, help="write the JSON report here")
+    ev.set_defaults(func=_eval)
+
+    export = sub.add_parser("export", help="write a checkpoint's policy as a Hugging Face model dir")
+    export.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (latest checkpoint)")
+    export.add_argument("--out", required=True)
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(func=_export)
+
     plot = sub.add_parser("plot", help="write the learning-curve PNG of a run directory")
     plot.add_argument("run_dir")
     plot.add_argument("--out", default=None)
@@ -97,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

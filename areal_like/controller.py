@@ -245,7 +245,10 @@ class RLController:
         num_buffered = self.store.snapshot(os.path.join(staged, "datastore.pkl"), TRAIN_TASK)
         ray.get([t.save_checkpoint.remote(os.path.join(staged, "trainer")) for t in self.trainers])
         ckpt.write_state(
-            staged, ckpt.RunState(self.step, self.version, dispatcher_state, ckpt.capture_rng(), num_buffered)
+            staged,
+            ckpt.RunState(
+                self.step, self.version, dispatcher_state, ckpt.capture_rng(), num_buffered, self.model_path
+            ),
         )
         final = ckpt.commit(self.run_dir, staged, self.step, self.config.run.keep_checkpoints)
         logger.info("checkpoint %s (%d buffered samples)", final, num_buffered)

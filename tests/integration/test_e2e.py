@@ -67,6 +67,42 @@ def test_a_short_async_run_trains_logs_and_respects_eta(tmp_path):
     evals = read_jsonl(run_dir / "eval.jsonl")
     assert [e["when"] for e in evals] == ["before", "after"]
     assert os.path.isdir(run_dir / "checkpoints" / "step_000004")
+    check_export_and_eval(run_dir, tmp_path)
+
+
+def check_export_and_eval(run_dir, tmp_path):
+    """Export round trip (same logits as the trainer's weights) and eval through the same engine."""
+    from transformers import AutoModelForCausalLM
+
+    from areal_like.evaluation import evaluate
+    from areal_like.export import export_checkpoint
+
+    out = export_checkpoint(str(run_dir), str(tmp_path / "hf"))
+    assert any(name.endswith(".safetensors") for name in os.listdir(out))
+    exported = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    trained, _ = module_weights(run_dir / "checkpoints" / "step_000004")
+    reference = AutoModelForCausalLM.from_pretrained(run_dir / "init_model", local_files_only=True)
+    before = reference(torch.tensor([[3, 4, 5, 6]])).logits
+    reference.load_state_dict(trained)
+    ids = torch.tensor([[5, 6, 4, 7, 10]])
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, reference(ids).logits)
+    assert not torch.equal(before, reference(torch.tensor([[3, 4, 5, 6]])).logits)  # training changed it
+
+    from_dir = evaluate(out, data=_heldout_file(tmp_path), max_new_tokens=3, out=str(tmp_path / "r.json"))
+    from_ckpt = evaluate(str(run_dir), data=_heldout_file(tmp_path))  # max_new_tokens from the run: 3
+    assert from_dir.num_prompts == 3 and json.loads((tmp_path / "r.json").read_text())["num_prompts"] == 3
+    assert [p.responses for p in from_dir.prompts] == [p.responses for p in from_ckpt.prompts]
+    sampled = evaluate(str(run_dir), data=_heldout_file(tmp_path), k=2, samples_per_prompt=4)
+    assert sampled.samples_per_prompt == 4 and sampled.pass_at_k >= sampled.pass_at_1
+
+
+def _heldout_file(tmp_path):
+    path = tmp_path / "heldout.jsonl"
+    path.write_text(
+        "".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in (1, 2, 3))
+    )
+    return str(path)
 
 
 def test_eta_zero_is_the_synchronous_baseline(tmp_path):
