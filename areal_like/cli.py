@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 
@@ -15,6 +16,11 @@ def _train(args: argparse.Namespace) -> int:
     from areal_like.controller import run_training
 
     summary = run_training(config)
+    if summary.stopped_by is not None:
+        print(
+            f"stopped by {summary.stopped_by} at step {summary.last_step}; re-run the same command to resume"
+        )
+        return 128 + int(getattr(signal, summary.stopped_by))
     before = "-" if summary.eval_before is None else f"{summary.eval_before:.3f}"
     after = "-" if summary.eval_after is None else f"{summary.eval_after:.3f}"
     print(

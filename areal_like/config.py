@@ -46,6 +46,9 @@ class RunSection:
     """Write the learning-curve PNG (curves.png) at the end of the run."""
     log_every: int = 1
     """Print a progress line every this many steps."""
+    actor_timeout_s: float = 1800.0
+    """Longest wait for one actor call (train step, weight export, checkpoint, eval); past it the run
+    stops with an error naming the actors that did not answer."""
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 0:
@@ -56,6 +59,8 @@ class RunSection:
             raise ValueError(f"run.keep_checkpoints={self.keep_checkpoints}: must be >= 1")
         if self.log_every < 1:
             raise ValueError(f"run.log_every={self.log_every}: must be >= 1")
+        if self.actor_timeout_s <= 0:
+            raise ValueError(f"run.actor_timeout_s={self.actor_timeout_s}: must be > 0 seconds")
 
 
 @dataclass

@@ -25,7 +25,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -59,6 +61,8 @@ class RunSummary:
     staleness_max: int
     evicted_groups: int
     train_seconds: float
+    stopped_by: str | None
+    """The signal that stopped the run early (SIGINT/SIGTERM), or None when it ran to max_steps."""
     start_weights_digest: str
     """sha256 of the policy weights the run started training from (restored ones on resume)."""
 
@@ -76,18 +80,21 @@ class RLController:
         self.prompt_records = load_prompt_records(self.config.task, self.config.run.seed)
         self.prepare_run_dir()
         self.start_ray()
+        restore_signals = self.install_signal_handlers()
         try:
             self.build()
             resumed_from = self.maybe_resume()
             first_step = self.step
             self.start_digest = next(
-                d for d in ray.get([t.weights_digest.remote() for t in self.trainers]) if d
+                d
+                for d in self._wait([t.weights_digest.remote() for t in self.trainers], "trainer", "digest")
+                if d
             )
             self.sync_weights(self.version)
             eval_before = self.evaluate("before") if resumed_from is None else None
             self.start_rollouts()
             started = time.perf_counter()
-            while self.step < self.config.train.max_steps:
+            while self.step < self.config.train.max_steps and self.stop_signal is None:
                 batch, wait_s = self.wait_for_batch()
                 stats, train_s = self.train(batch)
                 sync_s = self.sync_weights(self.version + 1)
@@ -97,12 +104,37 @@ class RLController:
                 self.maybe_periodic_eval()
             train_seconds = time.perf_counter() - started
             self.stop_rollouts()
+            if self.stop_signal is not None:
+                self.maybe_checkpoint(force=True)
+                print(f"stopped by {self.stop_signal} after step {self.step}; checkpoint saved", flush=True)
+                return self.finish(first_step, eval_before, None, train_seconds)
             eval_after = self.evaluate("after")
             return self.finish(first_step, eval_before, eval_after, train_seconds)
         finally:
+            restore_signals()
             self.shutdown()
 
     # ---- steps -------------------------------------------------------------------------------------
+    def install_signal_handlers(self):
+        """First SIGINT/SIGTERM: finish the current step, checkpoint, shut down cleanly. A second
+        one aborts at once (actors are still killed by ``shutdown``)."""
+        self.stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def on_signal(signum, _frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signal.Signals(signum).name
+            print(
+                f"\n{self.stop_signal}: stopping after this step and saving a checkpoint "
+                "(send it again to abort without saving)",
+                flush=True,
+            )
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
+
     def prepare_run_dir(self) -> None:
         os.makedirs(self.run_dir, exist_ok=True)
         with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
@@ -140,7 +172,7 @@ class RLController:
         )
         self.trainers = self._make_trainers()
         self.workers = self._make_workers(version=0)
-        ray.get([t.ping.remote() for t in self.trainers], timeout=600)
+        self._wait([t.ping.remote() for t in self.trainers], "trainer", "start")
         logger.info(
             "built %d trainer rank(s), %d rollout worker(s), %d storage unit(s)",
             len(self.trainers),
@@ -155,7 +187,11 @@ class RLController:
         if path is None:
             return None
         state = ckpt.read_state(path)
-        ray.get([t.load_checkpoint.remote(os.path.join(path, "trainer")) for t in self.trainers])
+        self._wait(
+            [t.load_checkpoint.remote(os.path.join(path, "trainer")) for t in self.trainers],
+            "trainer",
+            "load",
+        )
         buffered = self.store.restore(os.path.join(path, "datastore.pkl"))
         ray.get(self.dispatcher.restore.remote(state.dispatcher, buffered))
         ckpt.restore_rng(state.rng)
@@ -174,7 +210,7 @@ class RLController:
 
     def start_rollouts(self) -> None:
         ray.get(self.dispatcher.set_version.remote(self.version))
-        ray.get([w.start.remote() for w in self.workers])
+        self._wait([w.start.remote() for w in self.workers], "rollout worker", "start")
 
     def wait_for_batch(self) -> tuple[list[SampleMeta], float]:
         """Block until ``batch_groups`` fresh complete groups are ready; evictions free gate slots."""
@@ -211,8 +247,10 @@ class RLController:
     def train(self, batch: list[SampleMeta]) -> tuple[list[TrainStats], float]:
         start = time.perf_counter()
         shards = assign_groups_to_ranks(batch, len(self.trainers))
-        stats = ray.get(
-            [t.train_step.remote(self.store, shard) for t, shard in zip(self.trainers, shards, strict=True)]
+        stats = self._wait(
+            [t.train_step.remote(self.store, shard) for t, shard in zip(self.trainers, shards, strict=True)],
+            "trainer",
+            "train step",
         )
         self.store.release([m.sample_id for m in batch])
         return stats, time.perf_counter() - start
@@ -222,10 +260,12 @@ class RLController:
         engines have loaded them, so no group is admitted against weights the engines lack."""
         start = time.perf_counter()
         refs = [t.export_weights.remote() for t in self.trainers]
-        ray.get(refs[1:])
-        loaded = ray.get(
+        self._wait(refs, "trainer", "export weights")
+        loaded = self._wait(
             [w.update_weights.remote(refs[0], version) for w in self.workers],
-            timeout=self.config.rollout.weight_update_timeout_s + 30,
+            "rollout worker",
+            f"load weights v{version}",
+            timeout_s=self.config.rollout.weight_update_timeout_s + 30,
         )
         assert all(v == version for v in loaded), (loaded, version)
         self.version = version
@@ -243,7 +283,11 @@ class RLController:
         # snapshot (then not requeued) or still listed in flight (then requeued); never lost.
         dispatcher_state = ray.get(self.dispatcher.state.remote())
         num_buffered = self.store.snapshot(os.path.join(staged, "datastore.pkl"), TRAIN_TASK)
-        ray.get([t.save_checkpoint.remote(os.path.join(staged, "trainer")) for t in self.trainers])
+        self._wait(
+            [t.save_checkpoint.remote(os.path.join(staged, "trainer")) for t in self.trainers],
+            "trainer",
+            "save",
+        )
         ckpt.write_state(
             staged,
             ckpt.RunState(
@@ -310,7 +354,9 @@ class RLController:
         records, ids = self.prompts.eval, self.prompts.eval_ids
         n = len(self.workers)
         shards = [(w, records[i::n], ids[i::n]) for i, w in enumerate(self.workers) if records[i::n]]
-        results = ray.get([w.evaluate.remote(recs, toks) for w, recs, toks in shards])
+        results = self._wait(
+            [w.evaluate.remote(recs, toks) for w, recs, toks in shards], "rollout worker", "eval"
+        )
         rewards = [x for res in results for x in res.rewards]
         accuracy = float(np.mean(rewards))
         examples = [
@@ -334,7 +380,7 @@ class RLController:
         return accuracy
 
     def stop_rollouts(self) -> None:
-        ray.get([w.stop.remote() for w in self.workers])
+        self._wait([w.stop.remote() for w in self.workers], "rollout worker", "stop")
 
     def finish(self, first_step, eval_before, eval_after, train_seconds) -> RunSummary:
         summary = RunSummary(
@@ -347,6 +393,7 @@ class RLController:
             staleness_max=self.staleness_max_seen,
             evicted_groups=ray.get(self.dispatcher.gate_state.remote()).evicted_total,
             train_seconds=train_seconds,
+            stopped_by=self.stop_signal,
             start_weights_digest=self.start_digest,
         )
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
@@ -439,8 +486,21 @@ class RLController:
             for i in range(cfg.rollout.num_workers)
         ]
 
+    def _wait(self, refs: list, role: str, what: str, timeout_s: float | None = None) -> list:
+        """``ray.get`` with a deadline; on timeout the error names the actors that did not answer."""
+        timeout_s = self.config.run.actor_timeout_s if timeout_s is None else timeout_s
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if pending:
+            late = [i for i, ref in enumerate(refs) if ref in pending]
+            raise TimeoutError(
+                f"controller: {role} {late} did not finish '{what}' within {timeout_s:.0f}s "
+                f"at step {self.step} "
+                "(raise run.actor_timeout_s if this is expected; otherwise that actor is stuck or dead)"
+            )
+        return ray.get(refs)
+
     def _check_workers(self):
-        return ray.get([w.health.remote() for w in self.workers], timeout=60)
+        return self._wait([w.health.remote() for w in self.workers], "rollout worker", "health", timeout_s=60)
 
 
 def assign_groups_to_ranks(batch: list[SampleMeta], num_ranks: int) -> list[list[SampleMeta]]:

@@ -1,9 +1,31 @@
 #!/usr/bin/env bash
 # Usage: bash scripts/train.sh CONFIG.yaml [key=value ...]
-# Re-running with the same run.dir resumes from its latest checkpoint.
-set -euo pipefail
+# Re-running with the same run.dir resumes from its latest checkpoint. When the run fails (a
+# trainer or actor error, not a config error or a Ctrl-C/SIGTERM), this launcher resumes it from
+# the latest checkpoint, up to AREAL_LIKE_MAX_RESTARTS times (default 3).
+set -uo pipefail
 if [ $# -lt 1 ]; then echo "usage: bash scripts/train.sh CONFIG.yaml [key=value ...]" >&2; exit 2; fi
 root=$(cd "$(dirname "$0")/.." && pwd)
-source "$root/scripts/setup_venv.sh"
-config=$1; shift
-exec areal-like train --config "$config" "$@"
+source "$root/scripts/setup_venv.sh" || exit 1
+max_restarts=${AREAL_LIKE_MAX_RESTARTS:-3}
+attempt=0
+while true; do
+  areal-like train --config "$@" &
+  child=$!
+  trap 'kill -TERM $child 2>/dev/null' TERM INT
+  wait $child; rc=$?
+  # wait returns early when a trapped signal arrives: wait again for the checkpoint to finish
+  while kill -0 $child 2>/dev/null; do wait $child; rc=$?; done
+  trap - TERM INT
+  case $rc in
+    0) exit 0 ;;
+    2|130|143) exit $rc ;;  # bad config/input, or stopped on purpose: retrying would not help
+  esac
+  attempt=$((attempt + 1))
+  if [ $attempt -gt "$max_restarts" ]; then
+    echo "[train.sh] run failed with exit code $rc after $max_restarts restarts; giving up" >&2
+    exit $rc
+  fi
+  echo "[train.sh] run failed with exit code $rc; resuming from the latest checkpoint (restart $attempt/$max_restarts)" >&2
+  sleep 5
+done
