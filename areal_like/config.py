@@ -17,6 +17,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from areal_like.models import ModelBuildConfig
+from areal_like.placement import PlacementConfig
 from datastore.config import DataStoreConfig
 from rollout.config import RolloutConfig
 from trainer.config import TrainConfig
@@ -153,6 +154,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     datastore: DataStoreConfig = field(default_factory=DataStoreConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
 
     def __post_init__(self) -> None:
         samples = self.train.batch_groups * self.rollout.group_size

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -35,6 +34,7 @@ import numpy as np
 import ray
 
 from areal_like import checkpoint as ckpt
+from areal_like import placement
 from areal_like.config import Config, to_yaml
 from areal_like.dispatch import PromptDispatcher
 from areal_like.metrics import JsonlSink, MetricsLogger, TensorBoardSink, progress_line, truncate_after_step
@@ -173,6 +173,9 @@ class RLController:
         self.trainers = self._make_trainers()
         self.workers = self._make_workers(version=0)
         self._wait([t.ping.remote() for t in self.trainers], "trainer", "start")
+        print(
+            placement.placement_report({"trainer": self.trainers, "rollout worker": self.workers}), flush=True
+        )
         logger.info(
             "built %d trainer rank(s), %d rollout worker(s), %d storage unit(s)",
             len(self.trainers),
@@ -449,14 +452,16 @@ class RLController:
         cfg = self.config
         n = cfg.train.num_ranks
         samples_per_rank = cfg.train.batch_groups * cfg.rollout.group_size // n
-        port = _free_port()
-        actor = ray.remote(TrainerRank).options(num_cpus=0, max_concurrency=1)
+        options = placement.trainer_options(cfg.placement, n)
+        master_addr, port = placement.rendezvous_address(options[0])
         return [
-            actor.remote(
+            ray.remote(TrainerRank)
+            .options(max_concurrency=1, **options[rank])
+            .remote(
                 cfg.train,
                 rank,
                 n,
-                "127.0.0.1",
+                master_addr,
                 port,
                 self.model_path,
                 samples_per_rank,
@@ -468,7 +473,9 @@ class RLController:
 
     def _make_workers(self, version: int) -> list:
         cfg = self.config
-        actor = ray.remote(RolloutWorker).options(num_cpus=0, max_concurrency=4)
+        actor = ray.remote(RolloutWorker).options(
+            max_concurrency=4, **placement.rollout_options(cfg.placement)
+        )
         seed = cfg.run.seed * 7919 + self.step * 104729
         return [
             actor.remote(
@@ -516,12 +523,6 @@ def assign_groups_to_ranks(batch: list[SampleMeta], num_ranks: int) -> list[list
         rank = pos if lap % 2 == 0 else num_ranks - 1 - pos
         shards[rank].extend(group)
     return shards
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_training(config: Config) -> RunSummary:

@@ -1,0 +1,95 @@
+"""Where actors run: scheduling options per role, and the placement report printed at start.
+
+Roles: trainer ranks are packed into one placement group (PACK: same node when they fit, so
+collectives stay local; STRICT_SPREAD puts one rank per node); rollout workers and the dispatcher use
+Ray's SPREAD or default (PACK-like) scheduling. All CPU asks are 0 or tiny fractions so a 2-core
+machine never queues actors behind each other; GPU asks come from the GPU path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+logger = logging.getLogger(__name__)
+
+_BUNDLE_CPU = 0.001  # a bundle needs some resource; this one costs nothing in practice
+
+
+@dataclass
+class PlacementConfig:
+    """How actors spread over the nodes of the Ray cluster."""
+
+    rollout: str = "spread"
+    """Rollout workers: 'spread' over nodes (Ray SPREAD) or 'default' (Ray's packing scheduler)."""
+    trainer: str = "pack"
+    """Trainer ranks, in one placement group: 'pack' (same node when they fit), 'spread' (over
+    nodes when possible) or 'strict_spread' (one rank per node, fails if there are too few nodes)."""
+    ready_timeout_s: float = 300.0
+    """How long to wait for the trainer placement group before failing with the cluster's resources."""
+
+    def __post_init__(self) -> None:
+        if self.rollout not in ("spread", "default"):
+            raise ValueError(f"placement.rollout={self.rollout!r}: allowed values are 'spread', 'default'")
+        if self.trainer not in ("pack", "spread", "strict_spread"):
+            raise ValueError(
+                f"placement.trainer={self.trainer!r}: allowed values are 'pack', 'spread', 'strict_spread'"
+            )
+        if self.ready_timeout_s <= 0:
+            raise ValueError(f"placement.ready_timeout_s={self.ready_timeout_s}: must be > 0")
+
+
+def trainer_options(config: PlacementConfig, num_ranks: int) -> list[dict]:
+    """Actor ``.options`` for each trainer rank, bundle i for rank i of one placement group."""
+    pg = placement_group([{"CPU": _BUNDLE_CPU}] * num_ranks, strategy=config.trainer.upper())
+    try:
+        ray.get(pg.ready(), timeout=config.ready_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(
+            f"placement: {num_ranks} trainer bundles with strategy {config.trainer!r} could not be placed in "
+            f"{config.ready_timeout_s:.0f}s; cluster resources: {ray.cluster_resources()}"
+        ) from None
+    return [
+        {
+            "num_cpus": _BUNDLE_CPU,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=rank
+            ),
+        }
+        for rank in range(num_ranks)
+    ]
+
+
+def rollout_options(config: PlacementConfig) -> dict:
+    return {"num_cpus": 0, "scheduling_strategy": "SPREAD" if config.rollout == "spread" else "DEFAULT"}
+
+
+def node_of(actor) -> str:
+    """The IP address of the node an actor runs on."""
+    return ray.get(actor.__ray_call__.remote(lambda _self: ray.util.get_node_ip_address()), timeout=120)
+
+
+def placement_report(roles: dict[str, list]) -> str:
+    """A table of role, index and node for every actor; printed at start."""
+    lines = ["placement:"]
+    for role, actors in roles.items():
+        nodes = [node_of(actor) for actor in actors]
+        lines.append(f"  {role:<16} " + ", ".join(f"{i}@{node}" for i, node in enumerate(nodes)))
+    return "\n".join(lines)
+
+
+def rendezvous_address(rank0_options: dict) -> tuple[str, int]:
+    """IP and a free port on the node of trainer rank 0 (torch.distributed's MASTER_ADDR/PORT)."""
+
+    def probe() -> tuple[str, int]:
+        import socket
+
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", 0))
+            return ray.util.get_node_ip_address(), sock.getsockname()[1]
+
+    return ray.get(ray.remote(probe).options(**rank0_options).remote(), timeout=120)
