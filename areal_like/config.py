@@ -45,6 +45,8 @@ class RunSection:
     """Write TensorBoard event files into run.dir/tensorboard."""
     plot: bool = True
     """Write the learning-curve PNG (curves.png) at the end of the run."""
+    wandb_project: str | None = None
+    """Also log metrics to this Weights & Biases project (needs the wandb package); None = off."""
     log_every: int = 1
     """Print a progress line every this many steps."""
     actor_timeout_s: float = 1800.0

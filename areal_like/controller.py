@@ -37,7 +37,14 @@ from areal_like import checkpoint as ckpt
 from areal_like import placement
 from areal_like.config import Config, to_yaml
 from areal_like.dispatch import PromptDispatcher
-from areal_like.metrics import JsonlSink, MetricsLogger, TensorBoardSink, progress_line, truncate_after_step
+from areal_like.metrics import (
+    JsonlSink,
+    MetricsLogger,
+    TensorBoardSink,
+    WandbSink,
+    progress_line,
+    truncate_after_step,
+)
 from areal_like.prompts import PromptSets, load_prompt_records, tokenize_prompts
 from areal_like.staleness import min_allowed_version
 from datastore import make_datastore
@@ -431,6 +438,11 @@ class RLController:
             sinks = [JsonlSink(os.path.join(self.run_dir, "metrics.jsonl"))]
             if self.config.run.tensorboard:
                 sinks.append(TensorBoardSink(os.path.join(self.run_dir, "tensorboard")))
+            if self.config.run.wandb_project:
+                from omegaconf import OmegaConf
+
+                plain = OmegaConf.to_container(OmegaConf.structured(self.config))
+                sinks.append(WandbSink(self.config.run.wandb_project, self.run_dir, plain))
             self._metrics = MetricsLogger(sinks)
         return self._metrics
 

@@ -53,6 +53,32 @@ class TensorBoardSink:
         self._writer.close()
 
 
+class WandbSink:
+    """Weights & Biases, when ``run.wandb_project`` is set; needs ``pip install wandb``."""
+
+    def __init__(self, project: str, run_dir: str, config: dict) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise ImportError(
+                "run.wandb_project is set but wandb is not installed: pip install wandb"
+            ) from None
+        self._run = wandb.init(
+            project=project,
+            dir=run_dir,
+            name=os.path.basename(run_dir),
+            config=config,
+            resume="allow",
+            id=os.path.basename(os.path.abspath(run_dir)),
+        )
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self._run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
 class MetricsLogger:
     """Fans one step's metrics out to every sink."""
 
