@@ -1,7 +1,9 @@
-"""Advantage estimators and policy losses (pure tensor functions, no framework state).
+"""Advantage estimators, reward shaping and losses (pure tensor functions, no framework state).
 
-Shapes: N = sequences, T = padded tokens per sequence. ``mask`` marks response tokens that count
-in the loss. Log-probs are per token, aligned with the token they score.
+Shapes: N = sequences, T = tokens per sequence (padded). ``mask`` marks response tokens that count
+in the loss. Log-probs are per token, aligned with the token they score. The trainer calls these on
+a response-only layout ([N, R_max], one row per sample) for advantages and on micro-batch layouts
+for losses; none of them knows which.
 """
 
 from __future__ import annotations
@@ -10,22 +12,143 @@ from dataclasses import dataclass
 
 import torch
 
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 
-def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, std_norm: bool = True, eps: float = 1e-6):
-    """Group-relative advantages: reward minus its group's mean, optionally over the group's std.
 
-    rewards [N], group_ids [N] (any integer ids; samples of one prompt share an id) -> [N].
-    The std is the unbiased sample std; a group with equal rewards gets zero advantage.
+# ---- rewards and advantages ------------------------------------------------------------------------
+def grpo_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    std_norm: bool = True,
+    leave_one_out: bool = False,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Group-relative advantages: reward minus a group baseline, optionally over the group's std.
+
+    rewards [N], group_ids [N] (samples of one prompt share an id) -> [N].
+    Baseline: the group mean, or with ``leave_one_out`` the mean of the *other* members (RLOO;
+    equals the group-mean advantage times n / (n - 1)). The std is the unbiased sample std of the
+    group's rewards; a group with equal rewards gets zero advantage.
     """
     advantages = torch.zeros_like(rewards, dtype=torch.float32)
     for gid in torch.unique(group_ids):
         members = group_ids == gid
         group = rewards[members].float()
+        n = group.numel()
         centred = group - group.mean()
-        if std_norm and group.numel() > 1:
+        if leave_one_out and n > 1:
+            centred = centred * n / (n - 1)
+        if std_norm and n > 1:
             centred = centred / (group.std(unbiased=True) + eps)
         advantages[members] = centred
     return advantages
+
+
+def batch_normalize(values: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-6):
+    """(x - mean) / std over the masked entries (all entries when mask is None); others become 0."""
+    if mask is None:
+        mask = torch.ones_like(values)
+    mask = mask.to(values.dtype)
+    count = mask.sum().clamp(min=1.0)
+    mean = (values * mask).sum() / count
+    var = (((values - mean) ** 2) * mask).sum() / (count - 1).clamp(min=1.0)
+    return (values - mean) / (var.sqrt() + eps) * mask
+
+
+def overlong_penalty(response_lengths: torch.Tensor, max_tokens: int, overlong_tokens: int, factor: float):
+    """DAPO's soft overlong penalty, added to the reward: 0 up to ``max_tokens - overlong_tokens``,
+    then falling linearly to ``-factor`` at ``max_tokens``. response_lengths [N] -> [N]."""
+    if overlong_tokens <= 0:
+        return torch.zeros_like(response_lengths, dtype=torch.float32)
+    free = max_tokens - overlong_tokens
+    over = (response_lengths.float() - free).clamp(min=0.0)
+    return -factor * torch.clamp(over / overlong_tokens, max=1.0)
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1/k2/k3).
+
+    With d = logp - ref_logp: k1 = d (unbiased, can be negative), k2 = d^2 / 2,
+    k3 = exp(-d) - 1 + d (unbiased, always >= 0). Gradients flow through ``logp``.
+    """
+    d = logp - ref_logp
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return torch.exp(-d) - 1.0 + d
+    raise ValueError(f"unknown KL estimator {estimator!r}; use one of {KL_ESTIMATORS}")
+
+
+def gae_advantages(
+    token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over each row's contiguous run of masked tokens.
+
+    token_rewards, values, mask [N, T] -> (advantages [N, T], returns [N, T]), both zero off-mask.
+    delta_t = r_t + gamma * V_{t+1} - V_t (V after the last response token is 0: the episode ends),
+    A_t = delta_t + gamma * lam * A_{t+1}; returns = A + V (the critic's regression target).
+    With values = 0 and gamma = lam = 1, A_t is the plain reward-to-go.
+    """
+    mask = mask.to(values.dtype)
+    num_rows, num_tokens = values.shape
+    advantages = torch.zeros_like(values)
+    last = torch.zeros(num_rows, dtype=values.dtype, device=values.device)
+    for t in reversed(range(num_tokens)):
+        next_mask = mask[:, t + 1] if t + 1 < num_tokens else torch.zeros_like(last)
+        next_value = values[:, t + 1] * next_mask if t + 1 < num_tokens else torch.zeros_like(last)
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * next_mask * last
+        advantages[:, t] = last * mask[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def loglinear_prox_logp(
+    behav_logp: torch.Tensor, logp: torch.Tensor, versions: torch.Tensor, prox_version: int
+) -> torch.Tensor:
+    """AReaL's log-linear approximation of log pi_prox, used instead of a recompute forward pass.
+
+    log pi_prox ~= log pi_behav + alpha (log pi_theta - log pi_behav), alpha = (v_prox - v_behav) /
+    (v_theta - v_behav), with v_prox the version of the pre-update weights and v_theta = v_prox + 1
+    the version being trained. A fresh token (v_behav = v_prox) keeps its behaviour log-prob
+    (alpha = 0); older tokens move toward the current policy. Non-generated tokens (version < 0)
+    get alpha = 0. All inputs [N, T]; the result carries no gradient.
+    """
+    v_behav = versions.to(torch.float32)
+    gap = float(prox_version) - v_behav
+    alpha = torch.where((versions >= 0) & (gap > 0), gap / (gap + 1.0).clamp(min=1.0), torch.zeros_like(gap))
+    return (behav_logp + alpha * (logp.detach() - behav_logp)).detach()
+
+
+# ---- losses ----------------------------------------------------------------------------------------
+def loss_token_weights(
+    mask: torch.Tensor,
+    aggregation: str,
+    global_tokens: float,
+    global_sequences: float,
+    norm_tokens: int | None = None,
+) -> torch.Tensor:
+    """Per-token weights w such that loss = sum_t w_t l_t aggregates over the *global* minibatch.
+
+    mask [N, T] (one row per sequence) -> [N, T]. ``global_tokens`` / ``global_sequences`` are the
+    totals over all ranks and micro-batches of the minibatch, so micro-batches and ranks add up to
+    one aggregate, never a mean of per-micro-batch means.
+      token_mean:          1 / global_tokens                    (DAPO / AReaL default)
+      seq_mean_token_mean: 1 / (len_i * global_sequences)       (original GRPO)
+      seq_mean_token_sum:  1 / (norm_tokens * global_sequences) (Dr.GRPO: no length normalisation)
+    """
+    mask = mask.float()
+    if aggregation == "token_mean":
+        return mask / max(global_tokens, 1.0)
+    if aggregation == "seq_mean_token_mean":
+        lengths = mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+        return mask / lengths / max(global_sequences, 1.0)
+    if aggregation == "seq_mean_token_sum":
+        assert norm_tokens, "seq_mean_token_sum needs norm_tokens"
+        return mask / (float(norm_tokens) * max(global_sequences, 1.0))
+    raise ValueError(f"unknown loss aggregation {aggregation!r}; use one of {LOSS_AGGREGATIONS}")
 
 
 @dataclass
@@ -33,12 +156,17 @@ class PolicyLossStats:
     """Per-batch statistics of the policy loss, summed over loss tokens (divide by num_tokens)."""
 
     num_tokens: float
+    """Tokens that count in the loss (after the importance-weight mask)."""
     clipped_tokens: float
     imp_weight_sum: float
     imp_weight_max: float
+    imp_weight_min: float
     capped_tokens: float
+    """Tokens whose pi_prox / pi_behav exceeded the cap (masked or clamped)."""
+    dual_clipped_tokens: float
     behav_prox_abs_diff_sum: float
     """sum |logp_behav - logp_prox|: the engine/trainer log-prob mismatch."""
+    behav_prox_abs_diff_max: float
 
 
 def decoupled_ppo_loss(
@@ -52,15 +180,22 @@ def decoupled_ppo_loss(
     behav_imp_weight_cap: float | None = None,
     use_decoupled_loss: bool = True,
     loss_denominator: float | None = None,
+    imp_weight_cap_mode: str = "mask",
+    dual_clip: float | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, PolicyLossStats]:
     """AReaL's decoupled PPO objective (Eq. 5), token-level, as a loss to minimise.
 
     per token: u = pi_theta / pi_prox, w = pi_prox / pi_behav,
                loss_t = w * max(-A u, -A clip(u, 1 - eps, 1 + eps_high))
+    With ``dual_clip`` = c > 1, tokens with A < 0 are further capped at c |A| (dual-clip PPO).
     With ``use_decoupled_loss=False`` it is standard PPO: pi_prox := pi_behav and w = 1.
-    Tokens with w > behav_imp_weight_cap are masked out (None keeps every token at full weight).
-    The sum over loss tokens is divided by ``loss_denominator`` (the token count of the whole
-    global batch, so micro-batches and ranks add up to a token mean); default: this mask's count.
+    ``behav_imp_weight_cap``: tokens with w > cap are masked out (``imp_weight_cap_mode='mask'``,
+    AReaL's rejection sampling) or get w = cap ('clamp', truncated IS); None applies the full
+    weight to every token, the paper's objective.
+    Aggregation: ``token_weights`` [N, T] (from ``loss_token_weights``) when given; else the sum
+    over loss tokens divided by ``loss_denominator`` (default: this mask's count). Masked tokens
+    stay in the denominator, so masking never inflates the other tokens' weight.
 
     logp [N, T] (requires grad), prox_logp/behav_logp/mask [N, T], advantages [N, T] or [N].
     """
@@ -69,13 +204,19 @@ def decoupled_ppo_loss(
     mask = mask.to(logp.dtype)
     if not use_decoupled_loss:
         prox_logp = behav_logp
+    prox_logp = prox_logp.detach()
     eps_high = eps_clip if eps_clip_high is None else eps_clip_high
 
-    ratio = torch.exp(logp - prox_logp.detach())
+    ratio = torch.exp(logp - prox_logp)
     clipped_ratio = torch.clamp(ratio, 1.0 - eps_clip, 1.0 + eps_high)
     pg_unclipped = -advantages * ratio
     pg_clipped = -advantages * clipped_ratio
     pg_loss = torch.maximum(pg_unclipped, pg_clipped)
+    dual_clipped = torch.zeros_like(mask, dtype=torch.bool)
+    if dual_clip is not None:
+        bound = dual_clip * advantages.abs()
+        dual_clipped = (advantages < 0) & (pg_loss > bound)
+        pg_loss = torch.where(dual_clipped, bound, pg_loss)
 
     imp_weight = torch.exp(prox_logp - behav_logp).detach()
     if not use_decoupled_loss:
@@ -83,25 +224,63 @@ def decoupled_ppo_loss(
     capped = torch.zeros_like(mask)
     if behav_imp_weight_cap is not None:
         capped = (imp_weight > behav_imp_weight_cap).to(mask.dtype) * mask
-        mask = mask * (1.0 - capped)
-    token_loss = imp_weight * pg_loss * mask
+        if imp_weight_cap_mode == "mask":
+            mask_after = mask * (1.0 - capped)
+        elif imp_weight_cap_mode == "clamp":
+            imp_weight = imp_weight.clamp(max=behav_imp_weight_cap)
+            mask_after = mask
+        else:
+            raise ValueError(f"unknown imp_weight_cap_mode {imp_weight_cap_mode!r}; use 'mask' or 'clamp'")
+    else:
+        mask_after = mask
+    token_loss = imp_weight * pg_loss * mask_after
 
-    denominator = (
-        float(mask.sum().item() + capped.sum().item()) if loss_denominator is None else loss_denominator
-    )
-    loss = token_loss.sum() / max(denominator, 1.0)
+    if token_weights is not None:
+        loss = (token_loss * token_weights).sum()
+    else:
+        denominator = float(mask.sum().item()) if loss_denominator is None else loss_denominator
+        loss = token_loss.sum() / max(denominator, 1.0)
 
     with torch.no_grad():
-        counted = mask > 0
+        counted = mask_after > 0
+        diff = (prox_logp - behav_logp).abs()
+        any_counted = bool(counted.any())
         stats = PolicyLossStats(
             num_tokens=float(counted.sum().item()),
             clipped_tokens=float(((pg_clipped > pg_unclipped) & counted).sum().item()),
-            imp_weight_sum=float((imp_weight * mask).sum().item()),
-            imp_weight_max=float(imp_weight[counted].max().item()) if counted.any() else 0.0,
+            imp_weight_sum=float((imp_weight * mask_after).sum().item()),
+            imp_weight_max=float(imp_weight[counted].max().item()) if any_counted else 0.0,
+            imp_weight_min=float(imp_weight[counted].min().item()) if any_counted else 0.0,
             capped_tokens=float(capped.sum().item()),
-            behav_prox_abs_diff_sum=float(((prox_logp - behav_logp).abs() * mask).sum().item()),
+            dual_clipped_tokens=float((dual_clipped & counted).sum().item()),
+            behav_prox_abs_diff_sum=float((diff * mask).sum().item()),
+            behav_prox_abs_diff_max=float(diff[mask > 0].max().item()) if bool((mask > 0).any()) else 0.0,
         )
     return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    token_weights: torch.Tensor,
+    value_clip: float | None,
+) -> tuple[torch.Tensor, float]:
+    """PPO critic loss: 0.5 max((V - R)^2, (clip(V, V_old +- c) - R)^2), aggregated by
+    ``token_weights`` [N, T] (zero off the response). Returns (loss, clipped token count)."""
+    err = (values - returns) ** 2
+    if value_clip is None:
+        return 0.5 * (err * token_weights).sum(), 0.0
+    clipped_values = old_values + (values - old_values).clamp(-value_clip, value_clip)
+    err_clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * (torch.maximum(err, err_clipped) * token_weights).sum()
+    num_clipped = float(((err_clipped > err) & (token_weights > 0)).sum().item())
+    return loss, num_clipped
+
+
+def sft_loss(logp: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of the target tokens, aggregated by ``token_weights`` [N, T]."""
+    return -(logp * token_weights).sum()
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -110,7 +289,19 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     Divides by the sampling temperature so the trainer scores tokens under the same distribution
     the engine sampled from (temperature 0 means greedy and is scored at temperature 1).
     """
+    return token_logprobs_and_entropy(logits, tokens, temperature, with_entropy=False)[0]
+
+
+def token_logprobs_and_entropy(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, with_entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``token_logprobs`` plus the entropy of each position's distribution [N, T] (no gradient)."""
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    return torch.gather(logprobs, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    chosen = torch.gather(logprobs, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return chosen, entropy

@@ -165,11 +165,16 @@ class Config:
                 f"train.batch_groups={self.train.batch_groups} is not divisible by train.num_ranks="
                 f"{self.train.num_ranks}: each rank trains on whole groups; pick a multiple of num_ranks"
             )
-        per_rank = samples // self.train.num_ranks
-        if per_rank % self.train.ppo_minibatches:
+        if self.train.ppo_minibatches > samples:
             raise ValueError(
-                f"train.ppo_minibatches={self.train.ppo_minibatches} does not divide the {per_rank} samples "
-                "per rank (batch_groups * group_size / num_ranks)"
+                f"train.ppo_minibatches={self.train.ppo_minibatches} exceeds the {samples} samples of a "
+                "batch "
+                "(train.batch_groups * rollout.group_size)"
+            )
+        if self.train.reward.overlong_tokens >= self.rollout.max_new_tokens:
+            raise ValueError(
+                f"train.reward.overlong_tokens={self.train.reward.overlong_tokens} must be below "
+                f"rollout.max_new_tokens={self.rollout.max_new_tokens}"
             )
 
     @property

@@ -258,7 +258,10 @@ class RLController:
         start = time.perf_counter()
         shards = assign_groups_to_ranks(batch, len(self.trainers))
         stats = self._wait(
-            [t.train_step.remote(self.store, shard) for t, shard in zip(self.trainers, shards, strict=True)],
+            [
+                t.train_step.remote(self.store, shard, policy_version=self.version)
+                for t, shard in zip(self.trainers, shards, strict=True)
+            ],
             "trainer",
             "train step",
         )
@@ -349,6 +352,7 @@ class RLController:
             "timing/checkpoint_s": save_s,
             "perf/trained_tokens_per_s": tokens / step_s if step_s > 0 else 0.0,
         }
+        metrics.update(stats[0].metrics)  # the trainer's namespaced keys, already global over ranks
         self.metrics.log(self.step, metrics)
         if self.step % self.config.run.log_every == 0 or self.step == self.config.train.max_steps:
             print(progress_line(self.step, self.config.train.max_steps, metrics), flush=True)
@@ -479,6 +483,7 @@ class RLController:
                 samples_per_rank,
                 cfg.rollout.temperature,
                 cfg.run.seed,
+                max_new_tokens=cfg.rollout.max_new_tokens,
             )
             for rank in range(n)
         ]

@@ -1,8 +1,15 @@
-"""Turn trajectories into padded training tensors, and a batch into minibatches and micro-batches.
+"""Trajectories as training tensors: the response layout for advantages, micro-batches for the model.
 
-Shapes: N sequences in a micro-batch, T = longest (prompt + response - 1) in it. Position t of
-``input_ids`` predicts ``targets[t]``; response token j of a sample with prompt length P sits at
-target position P - 1 + j.
+Shape legend: N = samples on this rank, R = longest response among them; a micro-batch has B rows
+of L tokens. Position t of a row's ``input_ids`` predicts ``targets[t]``; a sample with prompt
+length P and response length Rs placed at row offset o has its response targets at
+o + P - 1 ... o + P + Rs - 2 (its "span").
+
+- Padded micro-batch: one sample per row, right-padded, with an attention mask.
+- Packed micro-batch: several samples per row back to back, position ids restarting at 0 for each
+  and no attention mask; transformers then builds a block-diagonal causal mask (sdpa/eager) or
+  variable-length kernels (flash-attention), so no token attends across samples. Rows are padded
+  at the end with a separate dummy segment.
 """
 
 from __future__ import annotations
@@ -20,66 +27,231 @@ class SequenceSample:
     prompt_ids: np.ndarray
     """int64 [P]"""
     response_ids: np.ndarray
-    """int64 [R]"""
+    """int64 [Rs]"""
     behav_logprobs: np.ndarray
-    """float32 [R]"""
+    """float32 [Rs] engine log-probs of the response tokens."""
     versions: np.ndarray
-    """int64 [R]"""
-    advantage: float
+    """int64 [Rs] policy version per response token."""
 
     @property
     def num_response_tokens(self) -> int:
         return len(self.response_ids)
 
+    @property
+    def length(self) -> int:
+        """Model input tokens: prompt + response - 1 (the last token is only a target)."""
+        return len(self.prompt_ids) + len(self.response_ids) - 1
+
+
+@dataclass
+class ResponseLayout:
+    """All samples of a rank as one response-only rectangle, for per-token advantage math."""
+
+    mask: torch.Tensor
+    """float32 [N, R] 1 on response tokens."""
+    behav_logp: torch.Tensor
+    """float32 [N, R]"""
+    versions: torch.Tensor
+    """int64 [N, R], -1 off the response."""
+    lengths: list[int]
+    """Response length of each sample."""
+
+    @classmethod
+    def of(cls, samples: list[SequenceSample]) -> ResponseLayout:
+        lengths = [s.num_response_tokens for s in samples]
+        n, r = len(samples), max(lengths, default=0)
+        mask = torch.zeros(n, max(r, 1))
+        behav = torch.zeros(n, max(r, 1))
+        versions = torch.full((n, max(r, 1)), -1, dtype=torch.long)
+        for i, s in enumerate(samples):
+            k = lengths[i]
+            mask[i, :k] = 1.0
+            behav[i, :k] = torch.from_numpy(np.asarray(s.behav_logprobs, dtype=np.float32))
+            versions[i, :k] = torch.from_numpy(np.asarray(s.versions, dtype=np.int64))
+        return cls(mask, behav, versions, lengths)
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros_like(self.mask)
+
 
 @dataclass
 class MicroBatch:
+    """Model inputs of one forward/backward pass and where each sample's response sits in them."""
+
     input_ids: torch.Tensor
-    """int64 [N, T]"""
-    attention_mask: torch.Tensor
-    """int64 [N, T]"""
+    """int64 [B, L]"""
+    position_ids: torch.Tensor
+    """int64 [B, L], restarting at 0 for every packed sample."""
+    attention_mask: torch.Tensor | None
+    """int64 [B, L] for padded micro-batches; None when packed (position ids delimit samples)."""
     targets: torch.Tensor
-    """int64 [N, T] next-token ids (0 where padded)"""
+    """int64 [B, L] next-token ids (0 where padded)."""
     loss_mask: torch.Tensor
-    """float32 [N, T] 1 on response tokens"""
-    behav_logp: torch.Tensor
-    """float32 [N, T] engine log-probs at response positions"""
-    versions: torch.Tensor
-    """int64 [N, T] policy version at response positions, -1 elsewhere"""
-    advantages: torch.Tensor
-    """float32 [N]"""
+    """float32 [B, L] 1 on response targets."""
+    sample_index: list[int]
+    """Rank-local index of each sample in the micro-batch (row of the ResponseLayout)."""
+    rows: list[int]
+    """Row of each sample's span."""
+    starts: list[int]
+    """First target position of each sample's span."""
+    lengths: list[int]
+    """Response tokens of each sample (span length)."""
+    num_real_tokens: int
+    """Input tokens of real samples (B x L minus padding)."""
 
     @property
     def num_loss_tokens(self) -> int:
         return int(self.loss_mask.sum().item())
 
+    @property
+    def num_slots(self) -> int:
+        """Token positions the model computes (B x L), padding included."""
+        return int(self.input_ids.numel())
+
     def to(self, device: torch.device) -> MicroBatch:
-        return MicroBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return MicroBatch(**moved)
+
+    def model_inputs(self) -> dict[str, torch.Tensor | None | bool]:
+        return dict(
+            input_ids=self.input_ids,
+            attention_mask=self.attention_mask,
+            position_ids=self.position_ids,
+            use_cache=False,  # a cache disables packed-sequence detection and is useless in training
+        )
+
+    def scatter(self, source: torch.Tensor) -> torch.Tensor:
+        """Response-layout values [N, R] -> this micro-batch's layout [B, L] (0 off the spans)."""
+        out = torch.zeros(self.targets.shape, dtype=source.dtype, device=self.targets.device)
+        for i, row, start, k in zip(self.sample_index, self.rows, self.starts, self.lengths, strict=True):
+            out[row, start : start + k] = source[i, :k].to(out.device)
+        return out
+
+    def gather_into(self, values: torch.Tensor, dest: torch.Tensor) -> None:
+        """This micro-batch's values [B, L] -> rows of the response layout ``dest`` [N, R]."""
+        values = values.detach().to(dest.device, dest.dtype)
+        for i, row, start, k in zip(self.sample_index, self.rows, self.starts, self.lengths, strict=True):
+            dest[i, :k] = values[row, start : start + k]
 
 
-def collate(samples: list[SequenceSample], pad_id: int = 0) -> MicroBatch:
-    """Right-pad samples into one micro-batch."""
-    assert samples, "collate needs at least one sample"
-    lengths = [len(s.prompt_ids) + len(s.response_ids) - 1 for s in samples]
-    n, t = len(samples), max(lengths)
+def _sequence(sample: SequenceSample) -> torch.Tensor:
+    ids = np.concatenate([np.asarray(sample.prompt_ids), np.asarray(sample.response_ids)])
+    return torch.from_numpy(ids.astype(np.int64))
+
+
+def collate(samples: list[SequenceSample], indices: list[int], pad_id: int = 0) -> MicroBatch:
+    """Right-pad ``samples[i] for i in indices`` into one padded micro-batch, a row each."""
+    assert indices, "collate needs at least one sample"
+    lengths = [samples[i].length for i in indices]
+    n, t = len(indices), max(lengths)
     input_ids = torch.full((n, t), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, t), dtype=torch.long)
     targets = torch.zeros((n, t), dtype=torch.long)
     loss_mask = torch.zeros((n, t), dtype=torch.float32)
-    behav_logp = torch.zeros((n, t), dtype=torch.float32)
-    versions = torch.full((n, t), -1, dtype=torch.long)
-    for i, s in enumerate(samples):
-        seq = torch.from_numpy(np.concatenate([s.prompt_ids, s.response_ids]).astype(np.int64))
-        length = lengths[i]
-        input_ids[i, :length] = seq[:-1]
-        attention_mask[i, :length] = 1
-        targets[i, :length] = seq[1:]
-        start, end = len(s.prompt_ids) - 1, length
-        loss_mask[i, start:end] = 1.0
-        behav_logp[i, start:end] = torch.from_numpy(s.behav_logprobs.astype(np.float32))
-        versions[i, start:end] = torch.from_numpy(s.versions.astype(np.int64))
-    advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
-    return MicroBatch(input_ids, attention_mask, targets, loss_mask, behav_logp, versions, advantages)
+    starts, spans = [], []
+    for row, i in enumerate(indices):
+        s = samples[i]
+        seq = _sequence(s)
+        input_ids[row, : lengths[row]] = seq[:-1]
+        attention_mask[row, : lengths[row]] = 1
+        targets[row, : lengths[row]] = seq[1:]
+        start = len(s.prompt_ids) - 1
+        loss_mask[row, start : start + s.num_response_tokens] = 1.0
+        starts.append(start)
+        spans.append(s.num_response_tokens)
+    position_ids = torch.arange(t).expand(n, t).clone()
+    return MicroBatch(
+        input_ids,
+        position_ids,
+        attention_mask,
+        targets,
+        loss_mask,
+        list(indices),
+        list(range(n)),
+        starts,
+        spans,
+        sum(lengths),
+    )
+
+
+def collate_packed(
+    samples: list[SequenceSample], indices: list[int], row_tokens: int | None, pad_id: int = 0
+) -> MicroBatch:
+    """Pack ``samples[i] for i in indices`` into rows of at most ``row_tokens`` tokens (first fit,
+    longest first; None = a single row), padding rows to the longest."""
+    assert indices, "collate_packed needs at least one sample"
+    order = sorted(indices, key=lambda i: -samples[i].length)
+    capacity = row_tokens if row_tokens is not None else sum(samples[i].length for i in indices)
+    capacity = max(capacity, samples[order[0]].length)
+    row_members: list[list[int]] = []
+    row_fill: list[int] = []
+    for i in order:
+        n = samples[i].length
+        for r, fill in enumerate(row_fill):
+            if fill + n <= capacity:
+                row_members[r].append(i)
+                row_fill[r] += n
+                break
+        else:
+            row_members.append([i])
+            row_fill.append(n)
+    num_rows, width = len(row_members), max(row_fill)
+    input_ids = torch.full((num_rows, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((num_rows, width), dtype=torch.long)
+    targets = torch.zeros((num_rows, width), dtype=torch.long)
+    loss_mask = torch.zeros((num_rows, width), dtype=torch.float32)
+    sample_index, rows, starts, spans = [], [], [], []
+    for r, members in enumerate(row_members):
+        offset = 0
+        for i in members:
+            s = samples[i]
+            seq, n = _sequence(s), s.length
+            input_ids[r, offset : offset + n] = seq[:-1]
+            targets[r, offset : offset + n] = seq[1:]
+            position_ids[r, offset : offset + n] = torch.arange(n)
+            start = offset + len(s.prompt_ids) - 1
+            loss_mask[r, start : start + s.num_response_tokens] = 1.0
+            sample_index.append(i)
+            rows.append(r)
+            starts.append(start)
+            spans.append(s.num_response_tokens)
+            offset += n
+        # The tail is its own dummy segment (positions restart), so it never joins a real sample.
+        position_ids[r, offset:] = torch.arange(width - offset)
+    return MicroBatch(
+        input_ids, position_ids, None, targets, loss_mask, sample_index, rows, starts, spans, sum(row_fill)
+    )
+
+
+def collate_micro_batch(
+    samples: list[SequenceSample], indices: list[int], packing: bool, attn_implementation: str, pad_id: int
+) -> MicroBatch:
+    """The layout the config asks for. Varlen flash-attention packs a whole micro-batch into one
+    row; sdpa/eager build a dense block-diagonal mask per row, so their rows stay as long as the
+    longest sequence (attention cost ~ tokens x longest, not tokens^2)."""
+    if not packing:
+        return collate(samples, indices, pad_id)
+    varlen = attn_implementation.startswith("flash")
+    row_tokens = None if varlen else max(samples[i].length for i in indices)
+    return collate_packed(samples, indices, row_tokens, pad_id)
+
+
+def dummy_micro_batch(pad_id: int = 0) -> MicroBatch:
+    """A one-token micro-batch with no loss tokens: a rank with fewer micro-batches than its peers
+    runs these so every rank issues the same collectives (ZeRO reductions and gathers)."""
+    ids = torch.full((1, 1), pad_id, dtype=torch.long)
+    return MicroBatch(
+        ids,
+        torch.zeros_like(ids),
+        torch.ones_like(ids),
+        torch.zeros_like(ids),
+        torch.zeros(1, 1),
+        [],
+        [],
+        [],
+        [],
+        0,
+    )
 
 
 def split_even(items: list, num_parts: int) -> list[list]:
@@ -91,7 +263,3 @@ def split_even(items: list, num_parts: int) -> list[list]:
         parts.append(items[start : start + size])
         start += size
     return parts
-
-
-def num_micro_batches(samples_per_minibatch: int, micro_batch_size: int) -> int:
-    return -(-samples_per_minibatch // micro_batch_size)

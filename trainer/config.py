@@ -1,8 +1,104 @@
-"""Trainer configuration: DeepSpeed layout, optimiser, GRPO and the decoupled PPO objective."""
+"""Trainer configuration: DeepSpeed layout, optimiser, batching, the objective and its options.
+
+The policy objective's knobs sit at the top of ``train``; components that are off by default have
+their own section: ``train.reward`` (shaping), ``train.kl`` (reference model), ``train.critic``
+(PPO's value model).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+ALGOS = ("grpo", "ppo")
+BALANCE = ("kk", "ffd", "none")
+PROX_LOGP = ("recompute", "loglinear")
+CAP_MODES = ("mask", "clamp")
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "sgd")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_PLACEMENTS = ("loss", "reward")
+
+
+def check_one_of(name: str, value, allowed) -> None:
+    """ValueError naming the field, the value and the allowed values."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: allowed values are {', '.join(map(str, allowed))}")
+
+
+@dataclass
+class RewardConfig:
+    """Shaping of the scalar reward before advantages (AReaL order: penalty, bias, scale, clip, norm)."""
+
+    bias: float = 0.0
+    """Added to every reward."""
+    scale: float = 1.0
+    """Multiplies (reward + bias)."""
+    clip: float | None = 20.0
+    """Shaped rewards are clipped to [-clip, clip]; null disables."""
+    normalize: bool = False
+    """Normalise scalar rewards over the global batch (mean 0, std 1). GRPO normalises per group
+    anyway; this is for ``algo: ppo``."""
+    overlong_tokens: int = 0
+    """DAPO soft overlong penalty: responses longer than max_new_tokens - overlong_tokens lose up to
+    ``overlong_penalty_factor`` linearly; 0 disables."""
+    overlong_penalty_factor: float = 1.0
+    """Penalty at a response of exactly max_new_tokens tokens."""
+
+    def __post_init__(self) -> None:
+        if self.scale <= 0:
+            raise ValueError(f"train.reward.scale={self.scale}: must be > 0")
+        if self.clip is not None and self.clip <= 0:
+            raise ValueError(f"train.reward.clip={self.clip}: must be > 0 or null (no clipping)")
+        if self.overlong_tokens < 0:
+            raise ValueError(
+                f"train.reward.overlong_tokens={self.overlong_tokens}: must be >= 0 (0 disables)"
+            )
+        if self.overlong_penalty_factor < 0:
+            raise ValueError(
+                f"train.reward.overlong_penalty_factor={self.overlong_penalty_factor}: must be >= 0"
+            )
+
+
+@dataclass
+class KLConfig:
+    """KL penalty against a frozen reference model (built only when ``coef > 0``)."""
+
+    coef: float = 0.0
+    """Weight of the KL penalty; 0 builds no reference model."""
+    estimator: str = "k3"
+    """Per-token estimator of KL(pi || pi_ref): k1 (log ratio), k2 (squared / 2) or k3 (exp form, >= 0)."""
+    placement: str = "loss"
+    """'loss': coef * KL added to the loss (GRPO style, gradient through pi); 'reward': -coef * KL
+    added to each token's reward before advantages (PPO style)."""
+    ref_model_path: str | None = None
+    """Local HF model directory of the reference; null uses the policy's initial weights."""
+
+    def __post_init__(self) -> None:
+        if self.coef < 0:
+            raise ValueError(f"train.kl.coef={self.coef}: must be >= 0 (0 disables the reference model)")
+        check_one_of("train.kl.estimator", self.estimator, KL_ESTIMATORS)
+        check_one_of("train.kl.placement", self.placement, KL_PLACEMENTS)
+
+
+@dataclass
+class CriticConfig:
+    """The value model of ``algo: ppo`` (a token-level value head on the policy's backbone)."""
+
+    model_path: str | None = None
+    """Local HF model directory to initialise the critic's backbone; null uses the policy's init."""
+    lr: float = 1e-4
+    """Critic learning rate (same schedule and warm-up as the policy)."""
+    weight_decay: float = 0.0
+    """Critic AdamW weight decay."""
+    value_clip: float | None = 0.2
+    """PPO value clipping around the pre-update values; null disables."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"train.critic.lr={self.lr}: must be > 0")
+        if self.value_clip is not None and self.value_clip <= 0:
+            raise ValueError(f"train.critic.value_clip={self.value_clip}: must be > 0 or null")
 
 
 @dataclass
@@ -15,32 +111,99 @@ class TrainConfig:
     """Prompt groups per train step (AReaL's consumer batch size, in groups)."""
     num_ranks: int = 1
     """DeepSpeed data-parallel ranks (Ray actors; gloo on CPU)."""
+
+    # -- engine ------------------------------------------------------------------------------------
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
-    micro_batch_size: int = 64
-    """Sequences per forward/backward pass on one rank."""
-    ppo_minibatches: int = 1
-    """Optimiser steps per train batch (the batch is split into this many minibatches)."""
+    bf16: bool = True
+    """bf16 weights and activations with fp32 master weights on GPU; CPU always trains in fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% more compute)."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: optimizer states and step on the CPU (needs zero_stage >= 1; DeepSpeed JIT-builds
+    its CPU Adam on first use, 1-2 minutes)."""
+    attn_implementation: str = "sdpa"
+    """transformers attention backend: sdpa (CPU and GPU), eager, or flash_attention_2 (GPU)."""
+    optimizer: str = "adamw"
+    """adamw, or sgd (plain SGD, for exact-gradient tests)."""
     lr: float = 1e-3
-    """AdamW learning rate after warm-up."""
+    """Peak learning rate (after warm-up)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    lr_schedule: str = "constant"
+    """After warm-up: constant, linear or cosine decay to min_lr_ratio * lr at the last optimiser step."""
+    min_lr_ratio: float = 0.0
+    """Floor of the linear/cosine decay, as a fraction of lr."""
     warmup_steps: int = 0
-    """Linear learning-rate warm-up, in optimiser steps."""
+    """Linear learning-rate warm-up from lr / warmup_steps to lr, in optimiser steps."""
     grad_clip: float = 1.0
-    """Gradient-norm clipping threshold (0 disables)."""
+    """Gradient-norm clipping threshold (0 disables). A step whose gradient norm is not finite is
+    skipped and counted (train/skipped_steps_total), never applied."""
+
+    # -- batching ----------------------------------------------------------------------------------
+    micro_batch_size: int = 64
+    """Sequences per forward/backward pass on one rank (used when max_tokens_per_micro_batch is null)."""
+    max_tokens_per_micro_batch: int | None = None
+    """Token budget of one micro-batch (prompt + response tokens; padded tokens count when packing is
+    off). Micro-batches are then formed by length, their number varies per step; null = fixed
+    micro_batch_size sequences."""
+    packing: bool = True
+    """Pack sequences without padding (position ids restart per sequence, attention never crosses
+    them). With flash_attention_2 one packed row per micro-batch; with sdpa/eager rows as long as
+    the longest sequence, which keeps the quadratic attention cost down on CPU."""
+    balance: str = "kk"
+    """Spread the global batch over data-parallel ranks by token count: kk (Karmarkar-Karp), ffd
+    (greedy, longest first), or none (keep the controller's shards)."""
+    ppo_minibatches: int = 1
+    """Optimiser steps per train batch (the batch is split into this many minibatches)."""
+
+    # -- algorithm and advantages --------------------------------------------------------------------
+    algo: str = "grpo"
+    """grpo: group-relative advantages, no critic. ppo: GAE with a critic (train.critic)."""
+    adv_std_norm: bool = True
+    """GRPO: divide group-centred rewards by the group std (False = Dr.GRPO style)."""
+    adv_leave_one_out: bool = False
+    """GRPO: baseline = mean of the other samples of the group (RLOO)."""
+    adv_batch_norm: bool = False
+    """Normalise advantages over all response tokens of the global batch (mean 0, std 1)."""
+    gamma: float = 1.0
+    """Discount of per-token rewards (GAE; also applies to GRPO when KL is in the reward)."""
+    gae_lambda: float = 1.0
+    """GAE lambda (PPO with a critic; e.g. 0.95)."""
+
+    # -- policy loss ---------------------------------------------------------------------------------
     eps_clip: float = 0.2
     """PPO clip range below 1 (and above 1 unless eps_clip_high is set)."""
     eps_clip_high: float | None = None
-    """Upper clip range (clip-higher, DAPO); None uses eps_clip."""
+    """Upper clip range (clip-higher, DAPO: e.g. 0.28); None uses eps_clip."""
+    dual_clip: float | None = None
+    """Dual-clip PPO: for negative advantages the loss is capped at dual_clip times abs(A) (e.g. 3.0)."""
     use_decoupled_loss: bool = True
-    """AReaL's decoupled objective: clip around the recomputed proximal policy and weight each token
-    by pi_prox / pi_behav. False is standard PPO with the behaviour policy as the old policy."""
+    """AReaL's decoupled objective: clip around the proximal policy (the pre-update weights) and
+    weight each token by pi_prox / pi_behav. False is standard PPO with the behaviour policy as the
+    old policy."""
     behav_imp_weight_cap: float | None = 5.0
-    """Tokens whose pi_prox / pi_behav exceeds this are masked out of the loss; None keeps all
-    tokens with the full weight (the paper's objective)."""
-    adv_std_norm: bool = True
-    """GRPO: divide group-centred rewards by the group std (False = Dr.GRPO style)."""
+    """Cap on pi_prox / pi_behav; None keeps all tokens with the full weight (the paper's objective)."""
+    behav_imp_weight_mode: str = "mask"
+    """mask: tokens above the cap leave the loss (AReaL's rejection sampling); clamp: their weight
+    becomes the cap (truncated importance sampling)."""
+    prox_logp: str = "recompute"
+    """recompute: a no-grad forward with the pre-update weights; loglinear: AReaL's approximation
+    from per-token versions (skips that forward pass)."""
+    loss_agg: str = "token_mean"
+    """token_mean: sum over the global minibatch's tokens / their count (across ranks and
+    micro-batches); seq_mean_token_mean: per-sequence mean then mean over sequences (GRPO paper);
+    seq_mean_token_sum: token sum / (loss_norm_tokens * sequences) (Dr.GRPO)."""
+    loss_norm_tokens: int | None = None
+    """Constant length of seq_mean_token_sum; null uses rollout.max_new_tokens."""
+
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward shaping."""
+    kl: KLConfig = field(default_factory=KLConfig)
+    """Reference-model KL penalty."""
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    """Value model (algo: ppo)."""
+
     torch_threads: int = 1
     """torch intra-op threads per trainer rank."""
     dist_timeout_s: float = 600.0
@@ -60,18 +223,54 @@ class TrainConfig:
                 raise ValueError(f"train.{name}={getattr(self, name)}: must be >= 1")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"train.zero_stage={self.zero_stage}: allowed values are 0, 1, 2, 3")
+        for name, allowed in (
+            ("algo", ALGOS),
+            ("balance", BALANCE),
+            ("prox_logp", PROX_LOGP),
+            ("behav_imp_weight_mode", CAP_MODES),
+            ("loss_agg", LOSS_AGGREGATIONS),
+            ("lr_schedule", LR_SCHEDULES),
+            ("optimizer", OPTIMIZERS),
+        ):
+            check_one_of(f"train.{name}", getattr(self, name), allowed)
         if self.lr <= 0:
             raise ValueError(f"train.lr={self.lr}: must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
         if self.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps={self.warmup_steps}: must be >= 0")
         if self.grad_clip < 0:
             raise ValueError(f"train.grad_clip={self.grad_clip}: must be >= 0 (0 disables clipping)")
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 2:
+            raise ValueError(
+                f"train.max_tokens_per_micro_batch={self.max_tokens_per_micro_batch}: must be >= the "
+                "longest sequence (prompt + response), or null for micro_batch_size sequences"
+            )
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("train.offload_optimizer=true needs train.zero_stage >= 1 (ZeRO-Offload)")
         if not 0 < self.eps_clip < 1:
             raise ValueError(f"train.eps_clip={self.eps_clip}: must be in (0, 1), e.g. 0.2")
         if self.eps_clip_high is not None and self.eps_clip_high <= 0:
             raise ValueError(f"train.eps_clip_high={self.eps_clip_high}: must be > 0 or null")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"train.dual_clip={self.dual_clip}: must be > 1 (e.g. 3.0) or null")
         if self.behav_imp_weight_cap is not None and self.behav_imp_weight_cap <= 1:
             raise ValueError(
                 f"train.behav_imp_weight_cap={self.behav_imp_weight_cap}: must be > 1 (e.g. 5.0) "
                 "or null for no cap"
             )
+        if self.prox_logp == "loglinear" and not self.use_decoupled_loss:
+            raise ValueError(
+                "train.prox_logp='loglinear' approximates the decoupled loss's proximal policy; set "
+                "train.use_decoupled_loss=true or train.prox_logp='recompute'"
+            )
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"train.gamma={self.gamma}: must be in (0, 1]")
+        if not 0 <= self.gae_lambda <= 1:
+            raise ValueError(f"train.gae_lambda={self.gae_lambda}: must be in [0, 1]")
+        if self.loss_norm_tokens is not None and self.loss_norm_tokens < 1:
+            raise ValueError(f"train.loss_norm_tokens={self.loss_norm_tokens}: must be >= 1 or null")
+
+    @property
+    def total_optimizer_steps(self) -> int:
+        return self.max_steps * self.ppo_minibatches

@@ -1,54 +1,67 @@
-"""One DeepSpeed data-parallel rank of the policy trainer, run as a Ray actor.
+"""One DeepSpeed data-parallel rank of the trainer, run as a Ray actor.
 
-Per train step the controller sends each rank the metadata of its whole prompt groups; the rank
-reads the columns straight from the datastore's storage units, computes GRPO advantages per group,
-recomputes proximal log-probs with the pre-update weights (AReaL's decoupled objective), then runs
-``ppo_minibatches`` optimiser steps of token-normalised decoupled PPO over fixed-count micro-batches.
-Collectives (token counts, ZeRO reductions, ZeRO-3 gathers, checkpoints) run over gloo on CPU and
-NCCL on GPU; every rank must receive the same sequence of calls.
+A train step, as every rank runs it (the controller calls ``train_step`` on all ranks at once):
+1. fetch: read the columns of the samples the controller gave this rank; all-gather (sample meta,
+   reward, response length) so every rank sees the global batch; shape and normalise the rewards
+   (GRPO groups need no locality then); re-split the batch over ranks by token count
+   (Karmarkar-Karp / greedy) and fetch the few samples that moved here from the datastore.
+2. plan: split into ``ppo_minibatches`` minibatches and each into micro-batches by token budget,
+   packed or length-sorted padded; ranks agree on the micro-batch count per minibatch (all-reduce
+   max) and pad with empty passes, because ZeRO reduces and gathers inside every forward/backward.
+3. no-grad passes with the pre-update weights: proximal log-probs (unless approximated), reference
+   log-probs (KL), the critic's old values (PPO); then per-token advantages.
+4. update: per minibatch, backward over its micro-batches (loss weights normalised over the
+   global minibatch, so ranks and accumulation steps add up to one aggregate) and one optimizer
+   step; a step with a non-finite gradient norm is skipped and counted.
+5. stats: one all-reduce of sums and one of maxima, so every rank returns the global figures.
+Collectives run over gloo on CPU and NCCL on GPU; every rank must receive the same calls.
 """
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from areal_like.algorithms import decoupled_ppo_loss, grpo_advantages, token_logprobs
-from trainer.batch import MicroBatch, SequenceSample, collate, num_micro_batches, split_even
+from areal_like.algorithms import (
+    decoupled_ppo_loss,
+    kl_estimate,
+    loglinear_prox_logp,
+    loss_token_weights,
+    token_logprobs,
+    token_logprobs_and_entropy,
+)
+from trainer.advantages import normalize_with, sequence_scores, token_advantages
+from trainer.batch import (
+    MicroBatch,
+    ResponseLayout,
+    SequenceSample,
+    collate_micro_batch,
+    dummy_micro_batch,
+    split_even,
+)
 from trainer.config import TrainConfig
+from trainer.critic import Critic
+from trainer.engine import EngineSpec, init_distributed, load_model, make_engine
+from trainer.packing import agree_on_micro_batches, balanced_partition, imbalance, keep_local
+from trainer.stats import TrainStats, summarize
 
 logger = logging.getLogger(__name__)
 
 TRAIN_COLUMNS = ["prompt_ids", "response_ids", "behav_logprobs", "versions", "reward"]
+CHECKPOINT_TAG = "trainer"
 
 
 @dataclass
-class TrainStats:
-    """What one rank reports for one train step (the controller averages/sums over ranks)."""
-
-    loss: float
-    num_samples: int
-    num_tokens: int
-    clip_frac: float
-    imp_weight_mean: float
-    imp_weight_max: float
-    capped_frac: float
-    behav_prox_logp_diff: float
-    """mean |logp_behav - logp_prox| over response tokens: engine vs trainer mismatch."""
-    grad_norm: float
-    lr: float
-    reward_mean: float
-    adv_abs_mean: float
-    fetch_s: float
-    prox_s: float
-    update_s: float
+class _Minibatch:
+    sample_index: list[int]
+    micro_batches: list[MicroBatch]
 
 
 class TrainerRank:
@@ -63,161 +76,340 @@ class TrainerRank:
         samples_per_rank: int,
         temperature: float,
         seed: int,
+        max_new_tokens: int | None = None,
     ) -> None:
+        """``samples_per_rank`` is informational (micro-batches are planned per step);
+        ``max_new_tokens`` (rollout.max_new_tokens) is needed by the overlong penalty and by
+        ``loss_agg: seq_mean_token_sum`` without ``loss_norm_tokens``."""
         torch.set_num_threads(config.torch_threads)
         self.config = config
         self.rank = rank
         self.world_size = world_size
         self.temperature = temperature
-        os.environ.update(
-            MASTER_ADDR=master_addr,
-            MASTER_PORT=str(master_port),
-            RANK=str(rank),
-            WORLD_SIZE=str(world_size),
-            LOCAL_RANK="0",
-        )
-        import deepspeed
-        from transformers import AutoModelForCausalLM
-
-        on_gpu = torch.cuda.is_available()
-        self.device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
-        deepspeed.init_distributed(
-            dist_backend="nccl" if on_gpu else "gloo",
-            auto_mpi_discovery=False,
-            verbose=False,
-            timeout=datetime.timedelta(seconds=config.dist_timeout_s),
-        )
-        torch.manual_seed(seed + rank)
-        model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True, dtype=torch.float32)
+        self.max_new_tokens = max_new_tokens
+        self.norm_tokens = config.loss_norm_tokens or max_new_tokens
+        if config.reward.overlong_tokens and max_new_tokens is None:
+            raise ValueError(
+                "train.reward.overlong_tokens > 0 needs the trainer's max_new_tokens (rollout's)"
+            )
+        if config.loss_agg == "seq_mean_token_sum" and self.norm_tokens is None:
+            raise ValueError(
+                "train.loss_agg=seq_mean_token_sum needs train.loss_norm_tokens (or max_new_tokens)"
+            )
+        self.device = init_distributed(rank, world_size, master_addr, master_port, config.dist_timeout_s)
+        torch.manual_seed(seed)  # new weights (a critic's value head) must match on every rank
+        spec = EngineSpec.of_train(config)
+        model = load_model(model_path, spec)
         self.pad_id = model.config.pad_token_id or 0
-        per_minibatch = samples_per_rank // config.ppo_minibatches
-        self.micro_per_minibatch = num_micro_batches(per_minibatch, config.micro_batch_size)
-        ds_config = {
-            "train_micro_batch_size_per_gpu": config.micro_batch_size,
-            "gradient_accumulation_steps": self.micro_per_minibatch,
-            "train_batch_size": config.micro_batch_size * self.micro_per_minibatch * world_size,
-            "zero_optimization": {"stage": config.zero_stage},
-            "optimizer": {
-                "type": "AdamW",
-                "params": {"lr": config.lr, "weight_decay": config.weight_decay, "torch_adam": True},
-            },
-            "scheduler": {
-                "type": "WarmupLR",
-                "params": {
-                    "warmup_min_lr": 0.0 if config.warmup_steps else config.lr,
-                    "warmup_max_lr": config.lr,
-                    "warmup_num_steps": max(config.warmup_steps, 1),
-                    "warmup_type": "linear",
-                },
-            },
-            "gradient_clipping": config.grad_clip,
-            "bf16": {"enabled": on_gpu},
-            "steps_per_print": 10**9,
-        }
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=ds_config
-        )
+        self.engine = make_engine(model, spec, world_size)
+        self.ref = None
+        if config.kl.coef > 0:
+            # A frozen engine: ZeRO-3 shards it like the policy; stages 1-2 only shard optimizer
+            # state and gradients, which it has none of, so it runs unsharded (stage 0).
+            stage = 3 if config.zero_stage == 3 else 0
+            ref_spec = EngineSpec.of_train(config, zero_stage=stage, gradient_checkpointing=False)
+            ref_model = load_model(config.kl.ref_model_path or model_path, ref_spec)
+            self.ref = make_engine(ref_model, ref_spec, world_size, with_optimizer=False)
+        self.critic = None
+        if config.algo == "ppo":
+            critic_spec = EngineSpec.of_train(
+                config, lr=config.critic.lr, weight_decay=config.critic.weight_decay
+            )
+            self.critic = Critic(config.critic.model_path or model_path, critic_spec, world_size)
+        self.policy_version = 0
+        self.skipped_total = 0
+        torch.manual_seed(seed + rank)
         logger.info(
-            "trainer rank %d/%d ready: ZeRO-%d, %d micro-batches per minibatch",
-            rank,
-            world_size,
-            config.zero_stage,
-            self.micro_per_minibatch,
-        )
+            "trainer rank %d/%d: ZeRO-%d, bf16 %s, algo %s, packing %s, budget %s, ~%d samples/rank",
+            rank, world_size, config.zero_stage, self.engine.bfloat16_enabled(),
+            config.algo, config.packing, config.max_tokens_per_micro_batch, samples_per_rank,
+        )  # fmt: skip
 
     # ---- the train step ------------------------------------------------------------------------
-    def train_step(self, store, samples_meta: list) -> TrainStats:
-        """One step on this rank's whole groups (``samples_meta``: datastore SampleMeta records)."""
+    def train_step(self, store, samples_meta: list, policy_version: int | None = None) -> TrainStats:
+        """One step on the global batch (``samples_meta``: this rank's share of datastore SampleMeta
+        records; ``policy_version``: version of the current weights, tracked here when None)."""
+        cfg = self.config
+        if policy_version is not None:
+            self.policy_version = policy_version
         t0 = time.perf_counter()
-        columns = store.get_data(samples_meta, TRAIN_COLUMNS)
-        rewards = torch.tensor([float(c["reward"][0]) for c in columns])
-        group_ids = torch.tensor([m.group_id for m in samples_meta])
-        advantages = grpo_advantages(rewards, group_ids, std_norm=self.config.adv_std_norm)
-        samples = [
-            SequenceSample(c["prompt_ids"], c["response_ids"], c["behav_logprobs"], c["versions"], float(a))
-            for c, a in zip(columns, advantages.tolist(), strict=True)
-        ]
+        samples, scores, minibatch_sets, batch_stats = self._fetch_batch(store, samples_meta)
+        minibatches = self._plan(samples, minibatch_sets)
+        layout = ResponseLayout.of(samples)
         t1 = time.perf_counter()
 
-        minibatches = [
-            [
-                collate(part, self.pad_id).to(self.device)
-                for part in split_even(mb, self.micro_per_minibatch)
-                if part
-            ]
-            for mb in split_even(samples, self.config.ppo_minibatches)
-        ]
-        prox = [[self._prox_logp(micro) for micro in mb] for mb in minibatches]
+        recompute = cfg.use_decoupled_loss and cfg.prox_logp == "recompute"
+        prox = self._no_grad_pass(minibatches, layout, self._policy_logp) if recompute else None
+        ref = self._no_grad_pass(minibatches, layout, self._ref_logp) if self.ref is not None else None
+        values = self._no_grad_pass(minibatches, layout, self.critic.values) if self.critic else None
+        kl_reward = None
+        if ref is not None and cfg.kl.placement == "reward":
+            old_logp = prox if prox is not None else layout.behav_logp
+            kl_reward = kl_estimate(old_logp, ref, cfg.kl.estimator) * layout.mask
+        advantages, returns = token_advantages(scores, layout.mask, cfg, kl_reward, values)
+        if cfg.adv_batch_norm:
+            advantages = self._global_normalize(advantages, layout.mask)
+        weights = self._token_weights(minibatches, layout)
         t2 = time.perf_counter()
 
-        totals = dict(loss=0.0, tokens=0.0, clipped=0.0, imp_sum=0.0, imp_max=0.0, capped=0.0, diff=0.0)
-        grad_norm = 0.0
-        for mb, mb_prox in zip(minibatches, prox, strict=True):
-            global_tokens = self._all_reduce_sum(sum(m.num_loss_tokens for m in mb))
-            # The engine averages gradients over ranks; scaling by world_size makes the update the
-            # sum of per-token losses over the global batch divided by the global token count.
-            scale = self.world_size
-            # Every minibatch has exactly gradient_accumulation_steps micro-batches (the config
-            # check makes minibatch sizes equal), so DeepSpeed's boundary lands on the last one.
-            assert len(mb) == self.micro_per_minibatch, (len(mb), self.micro_per_minibatch)
-            for micro, prox_logp in zip(mb, mb_prox, strict=True):
-                logits = self.engine(input_ids=micro.input_ids, attention_mask=micro.attention_mask).logits
-                logp = token_logprobs(logits, micro.targets, self.temperature)
-                loss, stats = decoupled_ppo_loss(
-                    logp,
-                    prox_logp,
-                    micro.behav_logp,
-                    micro.advantages,
-                    micro.loss_mask,
-                    eps_clip=self.config.eps_clip,
-                    eps_clip_high=self.config.eps_clip_high,
-                    behav_imp_weight_cap=self.config.behav_imp_weight_cap,
-                    use_decoupled_loss=self.config.use_decoupled_loss,
-                    loss_denominator=global_tokens,
-                )
-                self.engine.backward(loss * scale, scale_wrt_gas=False)
-                self.engine.step()
-                totals["loss"] += loss.item()
-                totals["tokens"] += stats.num_tokens
-                totals["clipped"] += stats.clipped_tokens
-                totals["imp_sum"] += stats.imp_weight_sum
-                totals["imp_max"] = max(totals["imp_max"], stats.imp_weight_max)
-                totals["capped"] += stats.capped_tokens
-                totals["diff"] += stats.behav_prox_abs_diff_sum
-            grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+        tensors = dict(prox=prox, ref=ref, adv=advantages, returns=returns, values=values, weights=weights)
+        sums, maxes, step_info = self._update(minibatches, layout, tensors)
         t3 = time.perf_counter()
-        tokens = max(totals["tokens"], 1.0)
-        return TrainStats(
-            loss=totals["loss"] / self.config.ppo_minibatches,
-            num_samples=len(samples),
-            num_tokens=int(totals["tokens"]),
-            clip_frac=totals["clipped"] / tokens,
-            imp_weight_mean=totals["imp_sum"] / tokens,
-            imp_weight_max=totals["imp_max"],
-            capped_frac=totals["capped"] / max(totals["tokens"] + totals["capped"], 1.0),
-            behav_prox_logp_diff=totals["diff"] / tokens,
-            grad_norm=grad_norm,
-            lr=float(self.engine.get_lr()[0]),
-            reward_mean=float(rewards.mean()),
-            adv_abs_mean=float(advantages.abs().mean()),
-            fetch_s=t1 - t0,
-            prox_s=t2 - t1,
-            update_s=t3 - t2,
+        self.policy_version += 1
+        sums.update(adv_abs=float((advantages.abs() * layout.mask).sum()), update_s=t3 - t2)
+        maxes.update(update_s=t3 - t2)
+        return self._stats(sums, maxes, step_info, batch_stats, len(samples), layout, (t0, t1, t2, t3))
+
+    def _fetch_batch(self, store, samples_meta: list):
+        """This rank's samples, their scores, and which of them form each minibatch."""
+        cfg = self.config
+        columns = store.get_data(samples_meta, TRAIN_COLUMNS)
+        local = [
+            (m, float(c["reward"][0]), len(c["response_ids"]))
+            for m, c in zip(samples_meta, columns, strict=True)
+        ]
+        owned = [(rank, rec) for rank, part in enumerate(self._all_gather(local)) for rec in part]
+        # Insertion order, not rank order: minibatches must not depend on the number of ranks.
+        owned.sort(key=lambda x: (x[1][0].seq, x[1][0].sample_id))
+        owners = [rank for rank, _ in owned]
+        metas = [rec[0] for _, rec in owned]
+        rewards = torch.tensor([rec[1] for _, rec in owned], dtype=torch.float32)
+        scores = sequence_scores(
+            rewards,
+            torch.tensor([rec[2] for _, rec in owned]),
+            torch.tensor([m.group_id for m in metas]),
+            cfg,
+            self.max_new_tokens,
         )
+        loads = [m.length for m in metas]
+        mine: list[int] = []  # global indices of this rank's samples, minibatch by minibatch
+        minibatch_sets: list[list[int]] = []  # positions in ``mine``
+        before, after = [0] * self.world_size, [0] * self.world_size
+        for members in split_even(list(range(len(metas))), cfg.ppo_minibatches):
+            if cfg.balance == "none" or self.world_size == 1:
+                parts = [[i for i in members if owners[i] == r] for r in range(self.world_size)]
+            else:
+                picked = balanced_partition([loads[i] for i in members], self.world_size, cfg.balance)
+                picked = keep_local(picked, [owners[i] for i in members])
+                parts = [[members[j] for j in part] for part in picked]
+            for r in range(self.world_size):
+                before[r] += sum(loads[i] for i in members if owners[i] == r)
+                after[r] += sum(loads[i] for i in parts[r])
+            minibatch_sets.append(list(range(len(mine), len(mine) + len(parts[self.rank]))))
+            mine += parts[self.rank]
+        have = {m.sample_id: c for m, c in zip(samples_meta, columns, strict=True)}
+        missing = [metas[i] for i in mine if metas[i].sample_id not in have]
+        if missing:
+            fetched = store.get_data(missing, TRAIN_COLUMNS)
+            have.update(zip((m.sample_id for m in missing), fetched, strict=True))
+        samples = []
+        for i in mine:
+            c = have[metas[i].sample_id]
+            samples.append(
+                SequenceSample(c["prompt_ids"], c["response_ids"], c["behav_logprobs"], c["versions"])
+            )
+        batch_stats = dict(
+            reward_mean=float(rewards.mean()) if len(rewards) else 0.0,
+            imbalance_before=imbalance(before),
+            imbalance_after=imbalance(after),
+            moved=float(len(missing)),
+        )
+        return samples, scores[mine], minibatch_sets, batch_stats
+
+    def _plan(self, samples: list[SequenceSample], index_sets: list[list[int]]) -> list[_Minibatch]:
+        cfg = self.config
+        plans = agree_on_micro_batches(
+            [[samples[i].length for i in idx] for idx in index_sets],
+            cfg.max_tokens_per_micro_batch,
+            cfg.micro_batch_size,
+            cfg.packing,
+            lambda values: self._all_reduce(values, dist.ReduceOp.MAX),
+        )
+        minibatches = []
+        for idx, parts in zip(index_sets, plans, strict=True):
+            micro = [self._collate(samples, [idx[j] for j in part]) for part in parts]
+            minibatches.append(_Minibatch(idx, [m.to(self.device) for m in micro]))
+        return minibatches
+
+    def _collate(self, samples: list[SequenceSample], indices: list[int]) -> MicroBatch:
+        if not indices:
+            return dummy_micro_batch(self.pad_id)
+        cfg = self.config
+        return collate_micro_batch(samples, indices, cfg.packing, cfg.attn_implementation, self.pad_id)
+
+    def _policy_logp(self, micro: MicroBatch) -> torch.Tensor:
+        return token_logprobs(self.engine(**micro.model_inputs()).logits, micro.targets, self.temperature)
+
+    def _ref_logp(self, micro: MicroBatch) -> torch.Tensor:
+        return token_logprobs(self.ref(**micro.model_inputs()).logits, micro.targets, self.temperature)
 
     @torch.no_grad()
-    def _prox_logp(self, micro: MicroBatch) -> torch.Tensor:
-        if not self.config.use_decoupled_loss:
-            return micro.behav_logp
-        logits = self.engine(input_ids=micro.input_ids, attention_mask=micro.attention_mask).logits
-        return token_logprobs(logits, micro.targets, self.temperature)
+    def _no_grad_pass(self, minibatches: list[_Minibatch], layout: ResponseLayout, fn) -> torch.Tensor:
+        out = layout.zeros()
+        for micro in chain.from_iterable(mb.micro_batches for mb in minibatches):
+            micro.gather_into(fn(micro), out)
+        return out
 
-    def _all_reduce_sum(self, value: float) -> float:
+    def _token_weights(self, minibatches: list[_Minibatch], layout: ResponseLayout) -> torch.Tensor:
+        """Loss weight of every response token, normalised over its global minibatch."""
+        local = []
+        for mb in minibatches:
+            local += [float(layout.mask[mb.sample_index].sum()), float(len(mb.sample_index))]
+        totals = self._all_reduce(local, dist.ReduceOp.SUM)
+        weights = layout.zeros()
+        for m, mb in enumerate(minibatches):
+            if mb.sample_index:
+                weights[mb.sample_index] = loss_token_weights(
+                    layout.mask[mb.sample_index],
+                    self.config.loss_agg,
+                    totals[2 * m],
+                    totals[2 * m + 1],
+                    self.norm_tokens,
+                )
+        return weights
+
+    def _global_normalize(self, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        total, total_sq, count = self._all_reduce(
+            [float((advantages * mask).sum()), float((advantages**2 * mask).sum()), float(mask.sum())],
+            dist.ReduceOp.SUM,
+        )
+        mean = total / max(count, 1.0)
+        var = max(total_sq / max(count, 1.0) - mean**2, 0.0) * count / max(count - 1.0, 1.0)
+        return normalize_with(advantages, mask, mean, var**0.5)
+
+    def _update(self, minibatches: list[_Minibatch], layout: ResponseLayout, tensors: dict):
+        sums = dict.fromkeys(
+            ("loss", "tokens", "clipped", "imp_sum", "capped", "dual", "diff", "mask_tokens", "entropy", "kl",
+             "value_loss", "value_clipped", "slots", "real_tokens", "micro_batches"),
+            0.0,
+        )  # fmt: skip
+        maxes = dict(imp_max=0.0, diff_max=0.0, neg_imp_min=-float("inf"), micro_batches=0.0)
+        info = dict(grad_norm=0.0, critic_grad_norm=0.0, skipped=0)
+        for mb in minibatches:
+            for micro in mb.micro_batches:
+                sums["micro_batches"] += 1
+                sums["slots"] += micro.num_slots
+                sums["real_tokens"] += micro.num_real_tokens
+                self._backward_micro(micro, layout, tensors, sums, maxes)
+            maxes["micro_batches"] = max(maxes["micro_batches"], float(len(mb.micro_batches)))
+            grad_norm, skipped = self._optimizer_step()
+            info["grad_norm"] = grad_norm
+            info["skipped"] += int(skipped)
+            if self.critic is not None:
+                info["critic_grad_norm"] = self.critic.step()
+        return sums, maxes, info
+
+    def _backward_micro(self, micro: MicroBatch, layout: ResponseLayout, tensors: dict, sums, maxes) -> None:
+        cfg = self.config
+        behav = micro.scatter(layout.behav_logp)
+        weights = micro.scatter(tensors["weights"])
+        logits = self.engine(**micro.model_inputs()).logits
+        logp, entropy = token_logprobs_and_entropy(logits, micro.targets, self.temperature)
+        if tensors["prox"] is not None:
+            prox = micro.scatter(tensors["prox"])
+        elif cfg.use_decoupled_loss:  # loglinear approximation from per-token versions
+            prox = loglinear_prox_logp(behav, logp, micro.scatter(layout.versions), self.policy_version)
+        else:
+            prox = behav
+        loss, st = decoupled_ppo_loss(
+            logp,
+            prox,
+            behav,
+            micro.scatter(tensors["adv"]),
+            micro.loss_mask,
+            eps_clip=cfg.eps_clip,
+            eps_clip_high=cfg.eps_clip_high,
+            behav_imp_weight_cap=cfg.behav_imp_weight_cap,
+            use_decoupled_loss=cfg.use_decoupled_loss,
+            imp_weight_cap_mode=cfg.behav_imp_weight_mode,
+            dual_clip=cfg.dual_clip,
+            token_weights=weights,
+        )
+        if tensors["ref"] is not None:
+            kl = kl_estimate(logp, micro.scatter(tensors["ref"]), cfg.kl.estimator)
+            sums["kl"] += float((kl.detach() * micro.loss_mask).sum())
+            if cfg.kl.placement == "loss":
+                loss = loss + cfg.kl.coef * (kl * weights).sum()
+        # The engine averages gradients over ranks; token weights already divide by the global
+        # minibatch, so scaling by world_size makes the update the global aggregate.
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        if self.critic is not None:
+            value_loss, value_clipped = self.critic.backward(
+                micro,
+                micro.scatter(tensors["values"]),
+                micro.scatter(tensors["returns"]),
+                weights,
+                cfg.critic.value_clip,
+            )
+            sums["value_loss"] += value_loss
+            sums["value_clipped"] += value_clipped
+        sums["loss"] += float(loss.item())
+        sums["tokens"] += st.num_tokens
+        sums["clipped"] += st.clipped_tokens
+        sums["imp_sum"] += st.imp_weight_sum
+        sums["capped"] += st.capped_tokens
+        sums["dual"] += st.dual_clipped_tokens
+        sums["diff"] += st.behav_prox_abs_diff_sum
+        sums["mask_tokens"] += float(micro.loss_mask.sum())
+        sums["entropy"] += float((entropy * micro.loss_mask).sum())
+        maxes["diff_max"] = max(maxes["diff_max"], st.behav_prox_abs_diff_max)
+        if st.num_tokens:
+            maxes["imp_max"] = max(maxes["imp_max"], st.imp_weight_max)
+            maxes["neg_imp_min"] = max(maxes["neg_imp_min"], -st.imp_weight_min)
+
+    def _optimizer_step(self) -> tuple[float, bool]:
+        """One optimizer step; a non-finite gradient norm skips it (DeepSpeed's ZeRO optimizers
+        check it themselves; without ZeRO the check is here) and counts it."""
+        skipped_before = self.engine.skipped_steps
+        if self.config.zero_stage == 0 and not self._grads_finite():
+            self.engine.zero_grad()
+            self.engine.skipped_steps += 1
+        else:
+            self.engine.step()
+        skipped = self.engine.skipped_steps > skipped_before
+        if skipped:
+            self.skipped_total += 1
+            logger.warning("rank %d: non-finite gradient norm, optimizer step skipped", self.rank)
+            return float("nan"), True
+        return float(self.engine.get_global_grad_norm() or 0.0), False
+
+    def _grads_finite(self) -> bool:
+        bad = any(
+            p.grad is not None and not torch.isfinite(p.grad).all() for p in self.engine.module.parameters()
+        )
+        return self._all_reduce([float(bad)], dist.ReduceOp.MAX)[0] == 0.0
+
+    def _stats(self, sums, maxes, info, batch, num_samples, layout, times) -> TrainStats:
+        keys, mkeys = sorted(sums), sorted(maxes)
+        totals = dict(zip(keys, self._all_reduce([sums[k] for k in keys], dist.ReduceOp.SUM), strict=True))
+        peaks = dict(zip(mkeys, self._all_reduce([maxes[k] for k in mkeys], dist.ReduceOp.MAX), strict=True))
+        info = dict(info, lr=float(self.engine.get_lr()[0]), skipped_total=self.skipped_total)
+        return summarize(
+            self.config,
+            self.world_size,
+            totals,
+            peaks,
+            info,
+            batch,
+            num_samples,
+            int(layout.mask.sum()),
+            times,
+        )
+
+    # ---- collectives ---------------------------------------------------------------------------
+    def _all_reduce(self, values: list[float], op) -> list[float]:
         if self.world_size == 1:
-            return float(value)
-        tensor = torch.tensor([float(value)], device=self.device)
-        torch.distributed.all_reduce(tensor)
-        return float(tensor.item())
+            return [float(v) for v in values]
+        tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=op)
+        return tensor.tolist()
+
+    def _all_gather(self, obj) -> list:
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     # ---- weights out, checkpoints --------------------------------------------------------------
     def export_weights(self) -> dict[str, torch.Tensor] | None:
@@ -242,13 +434,20 @@ class TrainerRank:
         return int(self.engine.global_steps)
 
     def save_checkpoint(self, directory: str) -> None:
-        """Model, optimizer and LR scheduler of every rank into ``directory`` (collective)."""
-        self.engine.save_checkpoint(directory, tag="trainer", save_latest=False)
+        """Model, optimizer, LR scheduler (and critic) of every rank into ``directory`` (collective)."""
+        state = {"policy_version": self.policy_version, "skipped_total": self.skipped_total}
+        self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state=state, save_latest=False)
+        if self.critic is not None:
+            self.critic.save(directory)
 
     def load_checkpoint(self, directory: str) -> None:
-        path, _ = self.engine.load_checkpoint(directory, tag="trainer")
+        path, state = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
         if path is None:
             raise FileNotFoundError(f"trainer rank {self.rank}: no DeepSpeed checkpoint under {directory!r}")
+        self.policy_version = int(state.get("policy_version", 0))
+        self.skipped_total = int(state.get("skipped_total", 0))
+        if self.critic is not None:
+            self.critic.load(directory)
 
     def ping(self) -> int:
         return self.rank

@@ -1,4 +1,4 @@
-"""The decoupled PPO loss and GRPO advantages against hand-computed references."""
+"""Losses, advantages and estimators against hand-computed references."""
 
 from __future__ import annotations
 
@@ -7,7 +7,17 @@ import math
 import pytest
 import torch
 
-from areal_like.algorithms import decoupled_ppo_loss, grpo_advantages, token_logprobs
+from areal_like.algorithms import (
+    decoupled_ppo_loss,
+    gae_advantages,
+    grpo_advantages,
+    kl_estimate,
+    loglinear_prox_logp,
+    loss_token_weights,
+    overlong_penalty,
+    token_logprobs,
+    value_loss,
+)
 
 
 def reference_token_loss(logp, prox, behav, adv, eps, eps_high, cap, decoupled):
@@ -125,3 +135,133 @@ def test_token_logprobs_apply_the_sampling_temperature():
     got = token_logprobs(logits, torch.tensor([[0]]), temperature=2.0)
     expected = 1.0 - math.log(math.exp(1.0) + 1.0)
     assert got.item() == pytest.approx(expected, abs=1e-6)
+
+
+# ---- objective options ------------------------------------------------------------------------
+def test_dual_clip_caps_the_loss_of_negative_advantages():
+    # u = 5 with A = -1: PPO's max(-A u, -A clip(u)) = max(5, 1.2) = 5; dual clip c = 3 caps it at 3.
+    logp, prox = torch.tensor([[math.log(5.0)]]), torch.tensor([[0.0]])
+    args = (logp, prox, prox, torch.tensor([-1.0]), torch.ones(1, 1))
+    loss, _ = decoupled_ppo_loss(*args, eps_clip=0.2)
+    assert loss.item() == pytest.approx(5.0, rel=1e-6)
+    loss, stats = decoupled_ppo_loss(*args, eps_clip=0.2, dual_clip=3.0)
+    assert loss.item() == pytest.approx(3.0, rel=1e-6)
+    assert stats.dual_clipped_tokens == 1
+    # positive advantages are untouched by the dual clip: max(-5, -1.2) = -1.2
+    loss, _ = decoupled_ppo_loss(logp, prox, prox, torch.tensor([1.0]), torch.ones(1, 1), 0.2, dual_clip=3.0)
+    assert loss.item() == pytest.approx(-1.2, rel=1e-6)
+
+
+def test_clamp_mode_truncates_the_importance_weight_instead_of_masking():
+    # w = e^1.8 = 6.05 > cap 5; u = 1, A = 2: mask mode drops the token (loss 0 over 1 token),
+    # clamp mode keeps it with w = 5: loss = -5 * 2 = -10.
+    logp = prox = torch.tensor([[-0.7]])
+    behav = torch.tensor([[-2.5]])
+    common = dict(eps_clip=0.2, behav_imp_weight_cap=5.0)
+    masked, stats = decoupled_ppo_loss(logp, prox, behav, torch.tensor([2.0]), torch.ones(1, 1), **common)
+    assert masked.item() == 0.0 and stats.capped_tokens == 1 and stats.num_tokens == 0
+    clamped, stats = decoupled_ppo_loss(
+        logp, prox, behav, torch.tensor([2.0]), torch.ones(1, 1), imp_weight_cap_mode="clamp", **common
+    )
+    assert clamped.item() == pytest.approx(-10.0, rel=1e-6)
+    assert stats.capped_tokens == 1 and stats.num_tokens == 1
+
+
+def test_without_a_cap_the_paper_objective_weights_every_token_fully():
+    logp = prox = torch.tensor([[-0.7]])
+    loss, stats = decoupled_ppo_loss(
+        logp, prox, torch.tensor([[-2.5]]), torch.tensor([2.0]), torch.ones(1, 1), eps_clip=0.2
+    )
+    assert loss.item() == pytest.approx(-2.0 * math.exp(1.8), rel=1e-6)
+    assert stats.capped_tokens == 0
+
+
+def test_token_mean_over_micro_batches_and_ranks_is_the_global_token_mean():
+    # Two micro-batches (or ranks): A holds one 3-token sequence with per-token losses 1, 2, 3;
+    # B one 1-token sequence with loss 10. Global token mean = 16 / 4 = 4, whereas the mean of
+    # per-micro-batch means would be (2 + 10) / 2 = 6.
+    token_losses = [torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[10.0]])]
+    masks = [torch.ones(1, 3), torch.ones(1, 1)]
+
+    def total(aggregation, norm_tokens=None):
+        weights = [loss_token_weights(m, aggregation, 4.0, 2.0, norm_tokens) for m in masks]
+        return sum((loss * w).sum().item() for loss, w in zip(token_losses, weights, strict=True))
+
+    assert total("token_mean") == pytest.approx(4.0)
+    assert total("seq_mean_token_mean") == pytest.approx(6.0)  # GRPO: mean of sequence means
+    assert total("seq_mean_token_sum", norm_tokens=4) == pytest.approx((6.0 + 10.0) / (4 * 2))  # Dr.GRPO
+
+
+def test_policy_loss_with_token_weights_sums_to_the_global_aggregate():
+    # Same tokens split in two micro-batches with global weights == one batch with its own mean.
+    logp = torch.tensor([[-1.0, -2.0, -0.5, -0.1]])
+    behav = logp - 0.1
+    adv = torch.tensor([[1.0, -1.0, 0.5, 2.0]])
+    mask = torch.ones(1, 4)
+    whole, _ = decoupled_ppo_loss(logp, logp, behav, adv, mask, eps_clip=0.2)
+    parts = 0.0
+    for cols in (slice(0, 1), slice(1, 4)):
+        w = loss_token_weights(mask[:, cols], "token_mean", 4.0, 1.0)
+        part, _ = decoupled_ppo_loss(
+            logp[:, cols], logp[:, cols], behav[:, cols], adv[:, cols], mask[:, cols], 0.2, token_weights=w
+        )
+        parts += part.item()
+    assert parts == pytest.approx(whole.item(), rel=1e-6)
+
+
+def test_gae_matches_a_hand_computed_recursion():
+    # rewards [0, 0, 1], values [0.5, 0.6, 0.7], gamma 0.9, lambda 0.8:
+    # delta = [0.9*0.6-0.5, 0.9*0.7-0.6, 1-0.7] = [0.04, 0.03, 0.3]
+    # A2 = 0.3, A1 = 0.03 + 0.72*0.3 = 0.246, A0 = 0.04 + 0.72*0.246 = 0.21712
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 2.0, 0.0, 0.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7, 9.0], [0.1, 0.3, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    adv, returns = gae_advantages(rewards, values, mask, gamma=0.9, lam=0.8)
+    assert torch.allclose(adv[0], torch.tensor([0.21712, 0.246, 0.3, 0.0]), atol=1e-6)
+    assert torch.allclose(returns[0], torch.tensor([0.71712, 0.846, 1.0, 0.0]), atol=1e-6)
+    # second row (shorter, padding values ignored): delta = [0.9*0.3-0.1, 2-0.3] = [0.17, 1.7]
+    assert torch.allclose(adv[1], torch.tensor([0.17 + 0.72 * 1.7, 1.7, 0.0, 0.0]), atol=1e-6)
+
+
+def test_gae_without_values_is_the_reward_to_go():
+    rewards = torch.tensor([[-0.1, -0.2, 1.0]])
+    adv, _ = gae_advantages(rewards, torch.zeros(1, 3), torch.ones(1, 3), gamma=1.0, lam=1.0)
+    assert torch.allclose(adv, torch.tensor([[0.7, 0.8, 1.0]]))
+
+
+def test_value_clipping_takes_the_pessimistic_error():
+    # V = 1.0, V_old = 0.5, R = 2.0, clip 0.2: unclipped err 1.0, clipped V = 0.7 -> err 1.69
+    values, old, returns = torch.tensor([[1.0]]), torch.tensor([[0.5]]), torch.tensor([[2.0]])
+    loss, clipped = value_loss(values, old, returns, torch.ones(1, 1), 0.2)
+    assert loss.item() == pytest.approx(0.5 * 1.69) and clipped == 1
+    loss, _ = value_loss(values, old, returns, torch.ones(1, 1), None)
+    assert loss.item() == pytest.approx(0.5)
+
+
+def test_leave_one_out_baseline_is_the_mean_of_the_other_samples():
+    adv = grpo_advantages(torch.tensor([1.0, 0.0, 0.0]), torch.zeros(3), std_norm=False, leave_one_out=True)
+    assert torch.allclose(adv, torch.tensor([1.0, -0.5, -0.5]))
+
+
+def test_kl_estimators_match_their_formulas():
+    logp, ref = torch.tensor([-1.0]), torch.tensor([-1.5])  # d = 0.5
+    assert kl_estimate(logp, ref, "k1").item() == pytest.approx(0.5)
+    assert kl_estimate(logp, ref, "k2").item() == pytest.approx(0.125)
+    assert kl_estimate(logp, ref, "k3").item() == pytest.approx(math.exp(-0.5) - 0.5, rel=1e-6)
+    with pytest.raises(ValueError, match="k4"):
+        kl_estimate(logp, ref, "k4")
+
+
+def test_loglinear_prox_interpolates_by_version_gap():
+    # pre-update weights are version 3: alpha = (3 - v) / (4 - v) -> [0, 1/2, 2/3, 0 (prompt)]
+    versions = torch.tensor([[3, 2, 1, -1]])
+    behav, logp = torch.full((1, 4), -1.0), torch.full((1, 4), -2.0, requires_grad=True)
+    prox = loglinear_prox_logp(behav, logp, versions, prox_version=3)
+    assert torch.allclose(prox, torch.tensor([[-1.0, -1.5, -1.0 - 2 / 3, -1.0]]))
+    assert not prox.requires_grad
+
+
+def test_overlong_penalty_is_linear_inside_the_window():
+    lengths = torch.tensor([10, 15, 17, 20, 25])
+    penalty = overlong_penalty(lengths, max_tokens=20, overlong_tokens=5, factor=1.0)
+    assert torch.allclose(penalty, torch.tensor([0.0, 0.0, -0.4, -1.0, -1.0]))

@@ -1,0 +1,164 @@
+"""Trainer micro-batching: trained tokens/s of padded vs packed micro-batches on a long-tailed mix.
+
+``areal-like bench trainer [--num-seqs 256 --budget 4096 --hidden 128 --layers 2 --repeats 2]``
+
+The same sequences (85% short, 15% long responses, as RL rollouts are) go through a forward,
+the token log-probs and a backward pass of a fresh Qwen2 model, laid out three ways:
+  padded-fixed:  fixed-count micro-batches in arrival order, padded to their longest (the naive way)
+  padded-budget: token-budget micro-batches of length-sorted sequences (little padding left)
+  packed-budget: token-budget micro-batches packed without padding (position ids restart)
+Tokens/s counts real tokens only; padding is reported as a fraction of the positions computed. It
+also prints how evenly the mix splits over 8 data-parallel ranks (Karmarkar-Karp vs dealing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from areal_like.algorithms import token_logprobs
+from trainer.batch import MicroBatch, SequenceSample, collate, collate_micro_batch
+from trainer.packing import balanced_partition, imbalance, plan_micro_batches
+
+
+def long_tailed_samples(num: int, vocab: int, seed: int) -> list[SequenceSample]:
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(num):
+        prompt_len = int(rng.integers(8, 33))
+        long = rng.random() < 0.15
+        response_len = int(rng.integers(256, 1025)) if long else int(rng.integers(16, 65))
+        samples.append(
+            SequenceSample(
+                rng.integers(3, vocab, prompt_len),
+                rng.integers(3, vocab, response_len),
+                np.zeros(response_len, dtype=np.float32),
+                np.zeros(response_len, dtype=np.int64),
+            )
+        )
+    return samples
+
+
+def layouts(
+    samples: list[SequenceSample], budget: int, fixed_size: int, attn: str
+) -> dict[str, list[MicroBatch]]:
+    lengths = [s.length for s in samples]
+    arrival = list(range(len(samples)))
+    return {
+        "padded-fixed": [
+            collate(samples, arrival[i : i + fixed_size]) for i in range(0, len(arrival), fixed_size)
+        ],
+        "padded-budget": [
+            collate(samples, mb) for mb in plan_micro_batches(lengths, budget, fixed_size, packed=False) if mb
+        ],
+        "packed-budget": [
+            collate_micro_batch(samples, mb, True, attn, 0)
+            for mb in plan_micro_batches(lengths, budget, fixed_size, packed=True)
+            if mb
+        ],
+    }
+
+
+def time_pass(model, micro_batches: list[MicroBatch], device) -> float:
+    start = time.perf_counter()
+    for micro in micro_batches:
+        micro = micro.to(device)
+        logp = token_logprobs(model(**micro.model_inputs()).logits, micro.targets)
+        (-(logp * micro.loss_mask).sum() / max(micro.num_loss_tokens, 1)).backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="areal-like bench trainer", description=__doc__.splitlines()[0])
+    parser.add_argument("--num-seqs", type=int, default=256, help="sequences in the batch")
+    parser.add_argument("--budget", type=int, default=4096, help="max_tokens_per_micro_batch")
+    parser.add_argument("--fixed-size", type=int, default=32, help="sequences per padded-fixed micro-batch")
+    parser.add_argument("--hidden", type=int, default=128, help="model hidden size")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers")
+    parser.add_argument("--repeats", type=int, default=2, help="timed passes per layout (best is kept)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM
+
+    from areal_like.models import ModelBuildConfig, build_model
+
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    attn = "sdpa"
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            attn = "flash_attention_2"
+        except ImportError:
+            pass
+    build = ModelBuildConfig(
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        num_layers=args.layers,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=2048,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_model(build, f"{tmp}/model")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device)
+    samples = long_tailed_samples(args.num_seqs, vocab=model.config.vocab_size, seed=args.seed)
+    real_tokens = sum(s.length for s in samples)
+    results = {}
+    for name, micro_batches in layouts(samples, args.budget, args.fixed_size, attn).items():
+        time_pass(model, micro_batches[:1], device)  # warm-up
+        seconds = min(time_pass(model, micro_batches, device) for _ in range(args.repeats))
+        slots = sum(m.num_slots for m in micro_batches)
+        results[name] = dict(
+            tokens_per_s=real_tokens / seconds,
+            seconds=seconds,
+            micro_batches=len(micro_batches),
+            pad_frac=1.0 - real_tokens / slots,
+        )
+
+    lengths = [s.length for s in samples]
+    dealt = [sum(lengths[r::8]) for r in range(8)]
+    kk = [sum(lengths[i] for i in p) for p in balanced_partition(lengths, 8, "kk")]
+    print(
+        f"trainer micro-batching on {device.type} ({attn}), {args.num_seqs} sequences, {real_tokens} tokens, "
+        f"lengths {min(lengths)}-{max(lengths)} (median {int(np.median(lengths))}), budget {args.budget}"
+    )
+    print(f"{'layout':<15}{'tokens/s':>12}{'seconds':>10}{'micro':>8}{'padding':>10}")
+    for name, r in results.items():
+        print(
+            f"{name:<15}{r['tokens_per_s']:>12.0f}{r['seconds']:>10.2f}{r['micro_batches']:>8d}{r['pad_frac']:>10.1%}"
+        )
+    packed = results["packed-budget"]["tokens_per_s"]
+    summary = {
+        "bench": "trainer",
+        "device": device.type,
+        "attn": attn,
+        "num_seqs": args.num_seqs,
+        "real_tokens": real_tokens,
+        **{f"{name}_tokens_per_s": round(r["tokens_per_s"], 1) for name, r in results.items()},
+        **{f"{name}_pad_frac": round(r["pad_frac"], 4) for name, r in results.items()},
+        "packed_vs_padded_fixed": round(packed / results["padded-fixed"]["tokens_per_s"], 3),
+        "packed_vs_padded_budget": round(packed / results["padded-budget"]["tokens_per_s"], 3),
+        "rank_imbalance_8_dealt": round(imbalance(dealt), 4),
+        "rank_imbalance_8_kk": round(imbalance(kk), 4),
+    }
+    print(
+        f"packed / padded-fixed = {summary['packed_vs_padded_fixed']:.2f}x, "
+        f"packed / padded-budget = {summary['packed_vs_padded_budget']:.2f}x; "
+        f"8-rank token imbalance (max/mean): dealt {summary['rank_imbalance_8_dealt']:.3f}, "
+        f"KK {summary['rank_imbalance_8_kk']:.4f}"
+    )
+    print(json.dumps(summary))
+    return 0
