@@ -33,6 +33,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sft(args: argparse.Namespace) -> int:
+    from areal_like.config import load_config
+    from trainer.sft import SFTConfig, run_sft
+
+    config = load_config(args.config, args.overrides, schema_class=SFTConfig)
+    result = run_sft(config)
+    print(
+        f"sft done: {result.num_steps} steps over {result.num_samples} samples, final loss "
+        f"{result.losses[-1] if result.losses else float('nan'):.4f}, {result.tokens_per_s:.0f} tok/s; "
+        f"model written to {result.output_dir}"
+    )
+    return 0
+
+
 def _build_model(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
@@ -105,6 +119,15 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="YAML recipe, e.g. configs/quickstart.yaml")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20")
     train.set_defaults(func=_train)
+
+    sft = sub.add_parser(
+        "sft", help="supervised fine-tuning on prompt/response jsonl (same DeepSpeed engine)"
+    )
+    sft.add_argument("--config", default=None, help="YAML with SFTConfig keys, e.g. configs/sft_example.yaml")
+    sft.add_argument(
+        "overrides", nargs="*", help="key=value, e.g. model_path=... train_path=... output_dir=..."
+    )
+    sft.set_defaults(func=_sft)
 
     build = sub.add_parser("build-model", help="build a small Qwen2-architecture model + tokenizer locally")
     build.add_argument("--out", required=True, help="output directory (Hugging Face format)")

@@ -219,9 +219,10 @@ def _merge(schema: Any, update: Any, source: str) -> Any:
         ) from None
 
 
-def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
-    """Schema defaults <- YAML file <- ``key=value`` overrides, validated into a ``Config``."""
-    schema = OmegaConf.structured(Config)
+def load_config(path: str | None, overrides: list[str] | None = None, schema_class: type = Config):
+    """Schema defaults <- YAML file <- ``key=value`` overrides, validated into ``schema_class``
+    (the run ``Config`` unless another dataclass, e.g. the SFT config, is given)."""
+    schema = OmegaConf.structured(schema_class)
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(
