@@ -1,51 +1,84 @@
 """The streaming store between rollout workers and trainer ranks.
 
 A controller actor holds per-sample metadata (ready columns, versions, which task took it), N
-storage-unit actors hold the arrays, and ``DataStoreClient`` talks to both (see ``controller`` for
-the dataflow). Build one with ``make_datastore(config)``; pass the client to any actor that needs it.
+storage-unit actors spread over the Ray nodes hold the arrays, and ``DataStoreClient`` talks to both
+(see ``controller`` for the dataflow, ``index`` for the metadata and its costs, ``policies`` for the
+sampling policies and the DP split). Build one with ``make_datastore(config)``; pass the client to
+any actor that needs it.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+
 from datastore.client import DataStoreClient
 from datastore.config import DataStoreConfig
-from datastore.types import BatchMeta, DataStoreTimeout, SampleMeta, SampleWrite, StoreStats
+from datastore.policies import SAMPLING_POLICIES, make_sampling_policy, split_for_ranks, split_imbalance
+from datastore.types import (
+    BatchMeta,
+    DataStoreSamplesLost,
+    DataStoreTimeout,
+    SampleMeta,
+    SampleWrite,
+    StoreHandles,
+    StoreStats,
+)
 
 __all__ = [
     "BatchMeta",
     "DataStoreClient",
     "DataStoreConfig",
+    "DataStoreSamplesLost",
     "DataStoreTimeout",
+    "SAMPLING_POLICIES",
     "SampleMeta",
     "SampleWrite",
     "StoreStats",
     "make_datastore",
+    "make_sampling_policy",
+    "split_for_ranks",
+    "split_imbalance",
 ]
+
+logger = logging.getLogger(__name__)
 
 # How long make_datastore waits for its actors to come up before it fails naming them.
 _STARTUP_TIMEOUT_S = 120.0
 
 
 def make_datastore(config: DataStoreConfig) -> DataStoreClient:
-    """Start the controller and ``config.num_storage_units`` units (num_cpus=0 actors); return a client.
-
-    Units land wherever Ray puts them for now; spreading them over nodes (and writing to the
-    writer's node-local unit) comes with the multi-node placement.
-    """
+    """Start ``config.num_storage_units`` units placed per ``config.placement`` and the controller
+    on this node (all num_cpus=0 actors); return a client."""
     import ray
 
     from datastore.controller import DataStoreController
-    from datastore.storage_unit import StorageUnit
+    from datastore.placement import on_this_node, start_units
 
-    unit_actor = ray.remote(num_cpus=0)(StorageUnit)
-    units = [unit_actor.remote(i) for i in range(config.num_storage_units)]
-    controller = ray.remote(num_cpus=0)(DataStoreController).remote(config, units)
+    secret = os.urandom(32)
+    units = start_units(config.num_storage_units, config.placement, secret)
+    controller_actor = ray.remote(num_cpus=0)(DataStoreController).options(scheduling_strategy=on_this_node())
+    controller = controller_actor.remote(config, secret)  # starts while the units do
     try:
-        pings = [unit.num_samples.remote() for unit in units] + [controller.stats.remote()]
-        ray.get(pings, timeout=_STARTUP_TIMEOUT_S)
-    except ray.exceptions.GetTimeoutError as err:
-        raise DataStoreTimeout(
-            f"datastore: controller and {config.num_storage_units} storage units did not start within "
-            f"{_STARTUP_TIMEOUT_S:.0f}s (is the Ray cluster out of resources or memory?)"
-        ) from err
-    return DataStoreClient(config, controller, units)
+        unit_endpoints = ray.get([unit.start_wire.remote() for unit in units], timeout=_STARTUP_TIMEOUT_S)
+        unit_nodes = ray.get([unit.node_id.remote() for unit in units], timeout=_STARTUP_TIMEOUT_S)
+        controller_endpoint = ray.get(
+            controller.start.remote(units, unit_nodes, unit_endpoints), timeout=_STARTUP_TIMEOUT_S
+        )
+    except Exception as err:
+        for actor in (controller, *units):  # nothing half-started outlives the failure
+            ray.kill(actor, no_restart=True)
+        if isinstance(err, ray.exceptions.GetTimeoutError):
+            raise DataStoreTimeout(
+                f"datastore: controller and {config.num_storage_units} storage units did not start within "
+                f"{_STARTUP_TIMEOUT_S:.0f}s (is the Ray cluster out of resources or memory?)"
+            ) from err
+        raise
+    logger.info(
+        "datastore: %d storage units on %d nodes (%s placement)",
+        len(units),
+        len(set(unit_nodes)),
+        config.placement,
+    )
+    handles = StoreHandles(controller, units, unit_nodes, controller_endpoint, unit_endpoints, secret)
+    return DataStoreClient(config, handles)

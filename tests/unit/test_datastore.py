@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from areal_like.types import TRAJECTORY_COLUMNS, Trajectory
-from datastore import DataStoreConfig, DataStoreTimeout, SampleWrite, make_datastore
+from datastore import DataStoreConfig, DataStoreSamplesLost, DataStoreTimeout, SampleWrite, make_datastore
 
 ALL_COLUMNS = list(TRAJECTORY_COLUMNS)
 
@@ -48,6 +48,25 @@ def wait_until(predicate, timeout_s: float = 5.0) -> None:
         time.sleep(0.02)
 
 
+def kill_and_wait(actor, timeout_s: float = 30.0) -> None:
+    """Crash an actor's process (SIGKILL, as the OOM killer would) and return once Ray reports it
+    dead. ray.kill is not used: Ray declares the actor dead before its process has exited."""
+    import os
+    import signal
+
+    import ray
+
+    os.kill(ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()), timeout=timeout_s), signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.num_samples.remote(), timeout=timeout_s)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the actor did not die in time")
+
+
 def unit_sizes(store) -> list[int]:
     """Samples held by each storage unit (reaches past the client: the data plane itself)."""
     import ray
@@ -83,7 +102,7 @@ def test_config_loads_through_omegaconf_and_errors_name_the_field_the_value_and_
 
 
 def test_put_then_get_returns_the_exact_arrays_oldest_group_first(new_store):
-    store = new_store(num_storage_units=2)  # groups 5 and 9 on unit 1, group 2 on unit 0
+    store = new_store(num_storage_units=2)
     written = {s.sample_id: s for gid in (5, 2, 9) for s in make_group(gid, group_size=3)}
     for gid in (5, 2, 9):  # three puts: insertion order, not group id order, is the age
         store.put([s for s in written.values() if s.group_id == gid])
@@ -138,6 +157,10 @@ def test_two_tasks_consume_the_same_samples_independently_and_never_twice(new_st
     assert store.get_batch_meta("eval", ALL_COLUMNS, num_groups=1).group_ids == [0]
     assert store.get_batch_meta("eval", ALL_COLUMNS, num_groups=1).group_ids == [1]
     assert store.stats().num_unconsumed == {"train": 0, "eval": 0}
+    fresh = store.get_batch_meta("fresh", ALL_COLUMNS, num_groups=2, policy="freshest_first")
+    assert fresh.group_ids == [0, 1]  # same version: oldest first
+    with pytest.raises(ValueError, match="unknown"):
+        store.get_batch_meta("fresh", ALL_COLUMNS, num_groups=1, policy="newest")
 
     # Two readers of one task block at once; each new group goes to exactly one of them.
     with ThreadPoolExecutor(2) as pool:
@@ -178,7 +201,11 @@ def test_a_blocking_get_times_out_with_a_message_naming_columns_ready_count_and_
     assert time.monotonic() - start >= 0.3
     message = str(err.value)
     assert "4 complete groups with columns ['reward'] for task 'train'" in message
-    assert "1 ready, 1 complete but missing a column, 1 groups partially written, 0 evicted" in message
+    assert (
+        "1 ready, 1 complete but missing a column, 1 groups partially written (1 of their 2 samples in)"
+        in message
+    )
+    assert "0 evicted as stale" in message
 
 
 def test_put_blocks_while_the_store_is_full_and_proceeds_after_release(new_store):
@@ -262,3 +289,56 @@ def test_the_client_works_when_passed_into_another_ray_actor(new_store):
         np.testing.assert_array_equal(rows[0]["response_ids"], make_group(4)[0].columns["response_ids"])
     finally:
         ray.kill(writer)
+
+
+def test_stats_report_sizes_ready_columns_and_the_latency_clients_saw(new_store):
+    store = new_store()
+    store.put(make_group(0) + without_reward(make_group(1)))
+    batch = store.get_batch_meta("train", ["response_ids"], num_groups=2)
+    store.get_data(batch.samples, ["response_ids"])
+    store.release(batch.sample_ids[:2])
+
+    stats = store.stats()
+
+    held = without_reward(make_group(1))  # group 0 was released
+    assert stats.num_bytes == sum(a.nbytes for sample in held for a in sample.columns.values())
+    assert (stats.num_samples, stats.num_groups, stats.unit_num_samples) == (2, 1, [2])
+    assert stats.ready_per_column["response_ids"] == 2 and "reward" not in stats.ready_per_column
+    assert {op: lat.count for op, lat in stats.latency_ms.items()} == {
+        "put": 1,
+        "get_batch_meta": 1,
+        "get_data": 1,
+        "release": 1,
+    }
+    metrics = stats.as_metrics()
+    assert metrics["datastore/ready/response_ids"] == 2.0
+    assert metrics["datastore/latency/put_p50_ms"] > 0
+    assert metrics["datastore/lost_samples_total"] == 0.0
+
+
+def test_a_killed_storage_unit_loses_its_groups_readers_get_a_clear_error_and_the_rest_carry_on(new_store):
+    import ray
+
+    store = new_store(num_storage_units=2, health_check_interval_s=60.0)  # the client finds the death
+    for gid in range(4):  # groups 0 and 2 on unit 0, 1 and 3 on unit 1
+        store._home_slot = gid % 2  # which of this node's units this client writes to
+        store.put(make_group(gid))
+    batch = store.get_batch_meta("train", ALL_COLUMNS, num_groups=2)
+    assert batch.group_ids == [0, 1] and [s.unit for s in batch.samples] == [0, 0, 1, 1]
+
+    kill_and_wait(store._units[1])
+    with pytest.raises(DataStoreSamplesLost, match=r"2 samples of the request are lost.*drain_lost") as err:
+        store.get_data(batch.samples, ALL_COLUMNS)
+
+    assert (err.value.sample_ids, err.value.group_ids, err.value.units) == (["1:0", "1:1"], [1], [1])
+    stats = store.stats()
+    assert (stats.dead_units, stats.lost_groups_total, stats.lost_samples_total) == ([1], 2, 4)
+    assert sorted(store.drain_lost()) == [1, 3] and store.drain_lost() == []
+    store.release(batch.sample_ids)  # ids of lost samples are ignored
+    store._home_slot = 1  # would pick the dead unit: the put goes to the live one
+    store.put(make_group(4))
+    later = store.get_batch_meta("train", ALL_COLUMNS, num_groups=2)
+    assert later.group_ids == [2, 4] and {s.unit for s in later.samples} == {0}
+    rows = store.get_data(later.samples, ["response_ids"])
+    np.testing.assert_array_equal(rows[0]["response_ids"], make_group(2)[0].columns["response_ids"])
+    wait_until(lambda: ray.get(store._units[0].num_samples.remote()) == 4)  # group 0's delete landed
