@@ -48,7 +48,8 @@ from areal_like.metrics import (
 from areal_like.prompts import PromptSets, load_prompt_records, tokenize_prompts
 from areal_like.staleness import min_allowed_version
 from datastore import make_datastore
-from datastore.types import DataStoreTimeout, SampleMeta
+from datastore.policies import split_for_ranks, split_imbalance
+from datastore.types import DataStoreSamplesLost, DataStoreTimeout, SampleMeta
 from rollout.worker import RolloutWorker
 from trainer.worker import TRAIN_COLUMNS, TrainerRank, TrainStats
 
@@ -104,6 +105,8 @@ class RLController:
             while self.step < self.config.train.max_steps and self.stop_signal is None:
                 batch, wait_s = self.wait_for_batch()
                 stats, train_s = self.train(batch)
+                if stats is None:
+                    continue
                 sync_s = self.sync_weights(self.version + 1)
                 self.step += 1
                 save_s = self.maybe_checkpoint()
@@ -154,7 +157,7 @@ class RLController:
         rc = self.config.ray
         kwargs = dict(include_dashboard=False, configure_logging=False, log_to_driver=True)
         if rc.address is None:
-            ray.init(num_cpus=rc.num_cpus or os.cpu_count(), **kwargs)
+            ray.init(address="local", num_cpus=rc.num_cpus or os.cpu_count(), **kwargs)
         else:
             ray.init(address=rc.address, **kwargs)
         self._owns_ray = True
@@ -238,7 +241,10 @@ class RLController:
                 batch = None
             evicted = self.store.drain_evictions()
             if evicted:
-                ray.get(self.dispatcher.on_evicted.remote(len(evicted)))
+                ray.get(self.dispatcher.on_evicted.remote(evicted))
+            lost = self.store.drain_lost()
+            if lost:
+                ray.get(self.dispatcher.on_lost.remote(lost))
             if batch is not None:
                 return batch.samples, time.perf_counter() - start
             now = time.perf_counter()
@@ -254,18 +260,28 @@ class RLController:
                     f"{self.store.stats()}; workers {[asdict(h) for h in self._check_workers()]}"
                 )
 
-    def train(self, batch: list[SampleMeta]) -> tuple[list[TrainStats], float]:
+    def train(self, batch: list[SampleMeta]) -> tuple[list[TrainStats] | None, float]:
+        """One train step on ``batch``; None when a storage unit died under it (the batch is
+        dropped, its groups regenerated, and the loop waits for another)."""
         start = time.perf_counter()
-        shards = assign_groups_to_ranks(batch, len(self.trainers))
-        stats = self._wait(
-            [
-                t.train_step.remote(self.store, shard, policy_version=self.version)
-                for t, shard in zip(self.trainers, shards, strict=True)
-            ],
-            "trainer",
-            "train step",
-        )
+        shards = split_for_ranks(batch, len(self.trainers))
+        self.split_imbalance = split_imbalance(shards)
+        try:
+            stats = self._wait(
+                [
+                    t.train_step.remote(self.store, shard, policy_version=self.version)
+                    for t, shard in zip(self.trainers, shards, strict=True)
+                ],
+                "trainer",
+                "train step",
+            )
+        except DataStoreSamplesLost as err:
+            logger.warning("step %d: batch dropped, samples lost with a storage unit: %s", self.step + 1, err)
+            self.store.release([m.sample_id for m in batch])
+            ray.get(self.dispatcher.on_lost.remote(self.store.drain_lost()))
+            return None, time.perf_counter() - start
         self.store.release([m.sample_id for m in batch])
+        ray.get(self.dispatcher.on_trained.remote(list(dict.fromkeys(m.group_id for m in batch))))
         return stats, time.perf_counter() - start
 
     def sync_weights(self, version: int) -> float:
@@ -353,6 +369,9 @@ class RLController:
             "perf/trained_tokens_per_s": tokens / step_s if step_s > 0 else 0.0,
         }
         metrics.update(stats[0].metrics)  # the trainer's namespaced keys, already global over ranks
+        metrics.update(self.store.stats().as_metrics())
+        metrics["datastore/split_imbalance"] = self.split_imbalance
+        metrics["datastore/lost_groups_total"] = gate.lost_total
         self.metrics.log(self.step, metrics)
         if self.step % self.config.run.log_every == 0 or self.step == self.config.train.max_steps:
             print(progress_line(self.step, self.config.train.max_steps, metrics), flush=True)
@@ -525,21 +544,6 @@ class RLController:
 
     def _check_workers(self):
         return self._wait([w.health.remote() for w in self.workers], "rollout worker", "health", timeout_s=60)
-
-
-def assign_groups_to_ranks(batch: list[SampleMeta], num_ranks: int) -> list[list[SampleMeta]]:
-    """Whole groups to ranks, equal group counts, longest groups dealt first in a snake order so
-    token totals stay close (the trainer issue replaces this with token-budget balancing)."""
-    groups: dict[int, list[SampleMeta]] = {}
-    for meta in batch:
-        groups.setdefault(meta.group_id, []).append(meta)
-    ordered = sorted(groups.values(), key=lambda g: -sum(m.length for m in g))
-    shards: list[list[SampleMeta]] = [[] for _ in range(num_ranks)]
-    for i, group in enumerate(ordered):
-        lap, pos = divmod(i, num_ranks)
-        rank = pos if lap % 2 == 0 else num_ranks - 1 - pos
-        shards[rank].extend(group)
-    return shards
 
 
 def run_training(config: Config) -> RunSummary:

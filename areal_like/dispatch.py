@@ -2,7 +2,8 @@
 
 It owns the training prompt stream (shuffled epochs, position checkpointed) and the staleness gate.
 Rollout workers call ``acquire`` for work and ``finish`` when a group's samples are in the
-datastore; the controller calls ``set_version`` after every weight sync and ``on_evicted`` when the
+datastore; the controller calls ``set_version`` after every weight sync, ``on_trained`` after each
+step, ``on_lost`` when a storage unit died with accepted groups, and ``on_evicted`` when the
 datastore drops stale groups. It runs as one small Ray actor (``num_cpus=0``); every call is O(groups
 asked for), so hundreds of workers polling it cost microseconds each.
 
@@ -61,7 +62,8 @@ class PromptDispatcher:
         self._order = self._order_for_epoch(0)
         self._next_group_id = 0
         self._requeue: list[int] = []
-        self._in_flight: dict[int, int] = {}  # group_id -> prompt index
+        self._in_flight: dict[int, int] = {}  # group_id -> prompt index, while generating
+        self._buffered: dict[int, int] = {}  # group_id -> prompt index, accepted and not yet trained
         self._paused = False
 
     # ---- called by rollout workers -------------------------------------------------------------
@@ -87,7 +89,9 @@ class PromptDispatcher:
 
     def finish(self, accepted_group_ids: list[int], rejected_group_ids: list[int]) -> None:
         """Groups left generation: accepted ones are in the datastore, rejected ones were dropped."""
-        for gid in (*accepted_group_ids, *rejected_group_ids):
+        for gid in accepted_group_ids:
+            self._buffered[gid] = self._in_flight.pop(gid)
+        for gid in rejected_group_ids:
             del self._in_flight[gid]
         self.gate.on_finished(len(accepted_group_ids), len(rejected_group_ids))
 
@@ -103,10 +107,35 @@ class PromptDispatcher:
     def set_version(self, version: int) -> None:
         self.gate.set_version(version)
 
-    def on_evicted(self, num_groups: int) -> None:
-        if num_groups:
-            logger.info("staleness: %d groups evicted at batch time; their slots are refilled", num_groups)
-            self.gate.on_evicted(num_groups)
+    def on_trained(self, group_ids: list[int]) -> None:
+        """These groups were consumed by a train step."""
+        for gid in group_ids:
+            self._buffered.pop(gid, None)
+
+    def on_evicted(self, group_ids: list[int]) -> None:
+        """The datastore evicted these accepted groups as stale: free their slots (new prompts)."""
+        if group_ids:
+            logger.info(
+                "staleness: %d groups evicted at batch time; their slots are refilled", len(group_ids)
+            )
+            for gid in group_ids:
+                self._buffered.pop(gid, None)
+            self.gate.on_evicted(len(group_ids))
+
+    def on_lost(self, group_ids: list[int]) -> int:
+        """A storage unit died with these groups: generate their prompts again (first in line) and
+        free their slots. Groups restored from a checkpoint have no prompt on record here; their slots
+        are freed and the stream moves on. Returns how many prompts were requeued."""
+        requeued = 0
+        for gid in group_ids:
+            index = self._buffered.pop(gid, None)
+            if index is not None:
+                self._requeue.append(index)
+                requeued += 1
+        if group_ids:
+            logger.warning("datastore lost %d groups; %d prompts requeued", len(group_ids), requeued)
+            self.gate.on_lost(len(group_ids))
+        return requeued
 
     def set_paused(self, paused: bool) -> None:
         """Paused: no new admissions (used around checkpoints and at shutdown)."""

@@ -28,6 +28,7 @@ class GateState:
     admitted_total: int = 0
     rejected_total: int = 0
     evicted_total: int = 0
+    lost_total: int = 0
 
 
 class StalenessGate:
@@ -68,6 +69,11 @@ class StalenessGate:
         """Accepted groups were evicted as stale at batch time: free their slots."""
         self.state.accepted -= num_groups
         self.state.evicted_total += num_groups
+
+    def on_lost(self, num_groups: int) -> None:
+        """Accepted groups were lost with a storage unit: free their slots."""
+        self.state.accepted -= num_groups
+        self.state.lost_total += num_groups
 
     def set_version(self, version: int) -> None:
         assert version >= self.state.version, (version, self.state.version)

@@ -16,6 +16,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False)
+        # address="local": always a fresh instance, never a cluster another test left registered
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False
+        )
     yield ray
     ray.shutdown()

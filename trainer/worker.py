@@ -37,6 +37,7 @@ from areal_like.algorithms import (
     token_logprobs,
     token_logprobs_and_entropy,
 )
+from datastore.types import DataStoreSamplesLost
 from trainer.advantages import normalize_with, sequence_scores, token_advantages
 from trainer.batch import (
     MicroBatch,
@@ -163,12 +164,23 @@ class TrainerRank:
     def _fetch_batch(self, store, samples_meta: list):
         """This rank's samples, their scores, and which of them form each minibatch."""
         cfg = self.config
-        columns = store.get_data(samples_meta, TRAIN_COLUMNS)
-        local = [
-            (m, float(c["reward"][0]), len(c["response_ids"]))
-            for m, c in zip(samples_meta, columns, strict=True)
-        ]
-        owned = [(rank, rec) for rank, part in enumerate(self._all_gather(local)) for rec in part]
+        lost = None
+        try:
+            columns = store.get_data(samples_meta, TRAIN_COLUMNS)
+            local = [
+                (m, float(c["reward"][0]), len(c["response_ids"]))
+                for m, c in zip(samples_meta, columns, strict=True)
+            ]
+        except DataStoreSamplesLost as err:
+            lost, local = err, None
+        # Every rank enters the gather, even one whose samples were lost, so nobody hangs in it;
+        # then all ranks drop the batch together.
+        gathered = self._all_gather(local)
+        if any(part is None for part in gathered):
+            raise lost or DataStoreSamplesLost(
+                f"trainer rank {self.rank}: another rank's samples were lost with a storage unit", [], [], []
+            )
+        owned = [(rank, rec) for rank, part in enumerate(gathered) for rec in part]
         # Insertion order, not rank order: minibatches must not depend on the number of ranks.
         owned.sort(key=lambda x: (x[1][0].seq, x[1][0].sample_id))
         owners = [rank for rank, _ in owned]

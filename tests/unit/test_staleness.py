@@ -100,3 +100,22 @@ def test_abandoned_groups_are_requeued_and_free_their_slot():
     d.abandon([groups[1].group_id])
     again = d.acquire(1)
     assert again[0].prompt.prompt_id == groups[1].prompt.prompt_id
+
+
+def test_lost_groups_are_regenerated_first_and_free_their_slots():
+    d = _dispatcher(n=5, eta=0, batch=2)
+    groups = d.acquire(2)
+    d.finish([g.group_id for g in groups], [])
+    assert d.acquire(1) == []  # the batch for version 0 is complete
+    assert d.on_lost([groups[0].group_id]) == 1
+    again = d.acquire(5)
+    assert [g.prompt.prompt_id for g in again] == [groups[0].prompt.prompt_id]
+    assert d.gate_state().lost_total == 1 and d.gate_state().evicted_total == 0
+
+
+def test_trained_groups_are_not_requeued_when_reported_lost_later():
+    d = _dispatcher(n=5, eta=0, batch=1)
+    g = d.acquire(1)[0]
+    d.finish([g.group_id], [])
+    d.on_trained([g.group_id])
+    assert d.on_lost([g.group_id]) == 0
