@@ -1,4 +1,13 @@
-"""Reward functions run in a pool of worker processes, with a per-call timeout.
+"""Reward functions run in a pool of worker processes, with a per-call timeout and counted retries.
+
+Plugging in a reward: any importable ``fn(response: str, answer: str) -> float`` in a module that
+does not import torch. Name it in the run config as ``task.reward_fn=package.module:function`` (the
+attribute may be dotted); it replaces the task's own reward, is imported once at startup in the
+driver (a bad path fails before any actor starts) and once per reward worker process. Built in:
+``areal_like.tasks.arithmetic:addition_reward`` (synthetic addition), ``areal_like.rewards_math:
+math_reward`` (GSM8K/MATH answers, math-verify) and ``areal_like.rewards_code:code_reward`` (test
+cases run in ``areal_like.sandbox``). A function that needs more than ``task.reward_timeout_s`` per
+item scores 0.0 'timeout'.
 
 Dataflow:
 - ``RewardPool.score`` (caller's thread) cuts a batch into chunks and keeps one chunk in flight per
@@ -15,8 +24,11 @@ Dataflow:
   timeout. A worker whose counter has not moved for ``timeout_s + _HARD_KILL_GRACE_S`` is killed
   (at most 1.25 times that after the call began): the item it was running scores 0.0 'timeout', the
   rest of its chunk (finished items included: their results died with it) is requeued, and a fresh
-  worker replaces it. A worker that dies mid-call is handled the same way, with status 'error'; one
-  found dead while idle is replaced with no item blamed.
+  worker replaces it. A worker that dies mid-call is handled the same way, except that the item it
+  was running is first retried on the fresh worker, up to ``max_retries`` times (counted as
+  'retries'), before it scores 0.0 'error': a crash can be the machine's (OOM killer), not the
+  function's. Raising and timing out are the function's own verdicts and are not retried. A
+  worker found dead while idle is replaced with no item blamed.
 - Shutdown: ``close()`` sends each worker None and kills any still alive after a second; a pool never
   closed is killed by a finalizer at garbage collection or interpreter exit. A worker whose parent
   vanished sees EOF on its pipe and exits.
@@ -29,6 +41,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import importlib
 import json
 import logging
@@ -101,25 +114,29 @@ class RewardPool:
     serialised by a lock.
     """
 
-    def __init__(self, fn_path: str, num_workers: int = 1, timeout_s: float = 5.0):
+    def __init__(self, fn_path: str, num_workers: int = 1, timeout_s: float = 5.0, max_retries: int = 1):
         if num_workers < 1:
             raise ValueError(f"num_workers={num_workers}; must be >= 1")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s={timeout_s}; must be > 0")
+        if max_retries < 0:
+            raise ValueError(f"max_retries={max_retries}; must be >= 0 (0 = never retry)")
         resolve_reward_fn(fn_path)  # a bad path fails here, in the caller, not in a worker
         self.fn_path = fn_path
         self.num_workers = num_workers
         self.timeout_s = timeout_s
+        self.max_retries = max_retries
         self._workers: list[_Worker] = []
         """Mutated in place only: the finalizer holds this list."""
         self._lock = threading.Lock()
-        self._counters = {"ok": 0, "error": 0, "timeout": 0, "worker_restarts": 0}
+        self._counters = {"ok": 0, "error": 0, "timeout": 0, "worker_restarts": 0, "retries": 0}
         self._closed = False
         self._finalizer = weakref.finalize(self, _kill_all, self._workers)
 
     @property
     def counters(self) -> dict[str, int]:
-        """Totals over the pool's life: items per status ('ok', 'error', 'timeout'), and worker restarts."""
+        """Totals over the pool's life: items per final status ('ok', 'error', 'timeout'), worker
+        restarts, and retries (items run again because their worker died while running them)."""
         return dict(self._counters)
 
     def score(self, items: list[tuple[str, str]]) -> list[RewardResult]:
@@ -190,11 +207,15 @@ class RewardPool:
                 if failure is None and worker.in_flight and worker.is_stuck():
                     failure = RewardResult(0.0, "timeout", f"no progress in {self.timeout_s}s; worker killed")
                 if failure is not None:
-                    # Blame the item it was running; requeue the rest of its chunk (finished items
-                    # included: their results died with the worker).
+                    # Blame the item it was running (or retry it, if its worker crashed); requeue the
+                    # rest of its chunk (finished items included: their results died with the worker).
                     current = worker.current_job()
-                    results[current.index] = failure
                     rest = [job for job in worker.in_flight if job is not current]
+                    if failure.status == "error" and current.attempt < self.max_retries:
+                        rest.insert(0, dataclasses.replace(current, attempt=current.attempt + 1))
+                        self._counters["retries"] += 1
+                    else:
+                        results[current.index] = failure
                     if rest:
                         pending.appendleft(rest)
                     self._restart_worker(worker, f"{failure.error} on batch item {current.index}")
@@ -321,6 +342,8 @@ class _Job:
     index: int
     response: str
     answer: str
+    attempt: int = 0
+    """How many times this item was already retried after its worker died."""
 
 
 class _CallTimeout(BaseException):

@@ -21,7 +21,21 @@ class RolloutConfig:
     max_concurrent_groups: int | None = None
     """Cap on prompt groups generating at once over all workers; None = train.batch_groups."""
     groups_per_generate: int = 16
-    """Most prompt groups one worker generates in one batched call."""
+    """Most prompt groups one worker keeps in flight (submitted to its engine, not yet scored); it
+    asks the dispatcher for more as soon as groups finish, so its engine batch stays full."""
+    engine_max_batch_size: int = 512
+    """Most sequences one engine decodes together; further requests wait and join between decode
+    steps as running ones finish (continuous batching)."""
+    dynamic_sampling: bool = False
+    """Drop groups whose samples all got the same reward (zero advantage) before the datastore;
+    they are counted, and the staleness gate admits a new group in their place."""
+    engine_stall_timeout_s: float = 120.0
+    """A worker whose engine has requests but makes no decode step for this long takes itself out
+    of rotation; its groups are requeued for the other workers."""
+    health_timeout_s: float = 60.0
+    """A worker that does not answer a health check this long is taken out of rotation (killed)."""
+    min_active_workers: int = 1
+    """The run stops, naming every failure, when fewer rollout workers than this are in rotation."""
     max_new_tokens: int = 8
     """Response length cap in tokens."""
     temperature: float = 1.0
@@ -51,6 +65,16 @@ class RolloutConfig:
             )
         if self.groups_per_generate < 1:
             raise ValueError(f"rollout.groups_per_generate={self.groups_per_generate}: must be >= 1")
+        if self.engine_max_batch_size < 1:
+            raise ValueError(f"rollout.engine_max_batch_size={self.engine_max_batch_size}: must be >= 1")
+        for name in ("engine_stall_timeout_s", "health_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"rollout.{name}={getattr(self, name)}: must be > 0 seconds")
+        if not 1 <= self.min_active_workers <= self.num_workers:
+            raise ValueError(
+                f"rollout.min_active_workers={self.min_active_workers}: must be in [1, rollout.num_workers="
+                f"{self.num_workers}]"
+            )
         if self.max_new_tokens < 1:
             raise ValueError(f"rollout.max_new_tokens={self.max_new_tokens}: must be >= 1")
         if self.temperature < 0:

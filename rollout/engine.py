@@ -1,9 +1,15 @@
 """The generation engine interface: what a rollout worker calls to turn prompts into responses.
 
-An engine owns one copy of the policy weights. It generates batches of requests, reports for every
-output token the policy version that produced it and its behaviour log-prob, and accepts new
-weights while generating (interruptible generation, AReaL section 3): the swap happens at a token
-boundary and the unfinished requests continue under the new version.
+An engine owns one copy of the policy weights and a queue of requests. ``submit`` hands it one
+token-id request with its sampling params and returns a ``RequestHandle`` at once; the engine decodes
+its requests together (continuous batching: a request joins the running batch between decode steps
+and leaves it when done) and resolves each handle with a ``GenerationOutput`` that carries, for every
+output token, its behaviour log-prob and the policy version of the weights that produced it, as
+recorded by the engine itself. ``update_weights`` swaps the weights while generating (interruptible
+generation, AReaL section 3): the swap happens at a token boundary and the unfinished requests
+continue from their partial output under the new version, their prefix re-encoded by the new weights.
+``pause``/``resume`` hold and restart decoding at a token boundary; ``abort`` ends requests early
+with finish_reason 'abort' and their partial output.
 
 Implementations: ``HFEngine`` (transformers, CPU and tests; ``rollout/hf_engine.py``). A vLLM
 engine for GPUs implements the same Protocol. ``make_engine`` builds one from an ``EngineConfig``.
@@ -11,6 +17,10 @@ engine for GPUs implements the same Protocol. ``make_engine`` builds one from an
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -23,16 +33,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample one batch of requests; the same for every request of a ``generate`` call."""
+    """How to sample one request (each request of a batch may have its own)."""
 
     max_new_tokens: int
-    """Most tokens generated per request; a request that reaches it ends with finish_reason 'length'."""
+    """Most tokens generated for the request; reaching it ends the request with finish_reason 'length'."""
     temperature: float = 1.0
     """Softmax temperature; 0.0 means greedy decoding."""
     top_p: float = 1.0
     """Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p."""
     stop_token_ids: tuple[int, ...] = ()
-    """Token ids (eos) that end a request with finish_reason 'stop'; the stop token is kept."""
+    """Token ids (eos) that end a request with finish_reason 'stop'; the stop token is kept.
+    Empty: generate exactly max_new_tokens (ignore eos, as benchmarks do)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -60,12 +71,116 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class EngineLoad:
-    """What an engine has in flight right now; the router sends new prompts to the least loaded."""
+    """What an engine has in flight right now (for routing and for the stall watchdog)."""
 
     running_requests: int
-    """Requests accepted by ``generate`` and not yet finished (queued chunks included)."""
+    """Requests in the batch being decoded."""
+    waiting_requests: int
+    """Requests submitted and not yet admitted to the batch (queue full, or paused)."""
     tokens_in_flight: int
-    """Tokens (prompt + generated) held in the KV cache of the batch being decoded."""
+    """Tokens (prompt + generated) of the running requests, i.e. held in the KV cache."""
+    decode_steps_total: int = 0
+    """Forward passes since the engine started; it stops moving when the engine is stuck."""
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """Tokens of one request produced since the previous chunk (streaming; one per decode step on HF)."""
+
+    token_ids: list[int]
+    """New token ids [K]."""
+    logprobs: list[float]
+    """Behaviour log-prob of each new token [K]."""
+    versions: list[int]
+    """Policy version that produced each new token [K]."""
+
+
+class RequestHandle:
+    """The caller's side of one submitted request: its result, its token stream and its timings.
+
+    The engine's thread fills it (``_emit``, ``_finish``, ``_fail``); callers wait with ``result`` or
+    iterate ``stream``. Done callbacks run on the engine's thread, so they must be quick (a queue put).
+    """
+
+    def __init__(self, request_id: str, engine_id: int, stream: bool = False) -> None:
+        self.request_id = request_id
+        self.engine_id = engine_id
+        self.submitted_at = time.monotonic()
+        """monotonic time of ``submit``."""
+        self.finished_at: float | None = None
+        """monotonic time the engine resolved the request (None while running)."""
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._output: GenerationOutput | None = None
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[RequestHandle], None]] = []
+        self._chunks: queue.SimpleQueue[TokenChunk | None] | None = queue.SimpleQueue() if stream else None
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the request was submitted with ``stream=True`` (the engine then emits chunks)."""
+        return self._chunks is not None
+
+    def result(self, timeout_s: float | None = None) -> GenerationOutput:
+        """The finished output; TimeoutError after ``timeout_s``, RuntimeError if the engine failed."""
+        if not self._done.wait(timeout_s):
+            raise TimeoutError(
+                f"engine {self.engine_id}: request {self.request_id} not finished within {timeout_s}s"
+            )
+        if self._error is not None:
+            raise RuntimeError(
+                f"engine {self.engine_id}: request {self.request_id} failed: {self._error!r}"
+            ) from self._error
+        assert self._output is not None
+        return self._output
+
+    def stream(self, timeout_s: float | None = None) -> Iterator[TokenChunk]:
+        """Yield token chunks as the engine produces them, until the request ends (then ``result``).
+
+        Each wait for the next chunk is bounded by ``timeout_s`` (TimeoutError). Needs ``stream=True``
+        at submit.
+        """
+        if self._chunks is None:
+            raise ValueError(f"request {self.request_id} was submitted without stream=True")
+        while True:
+            try:
+                chunk = self._chunks.get(timeout=timeout_s)
+            except queue.Empty:
+                raise TimeoutError(
+                    f"engine {self.engine_id}: request {self.request_id} sent no token for {timeout_s}s"
+                ) from None
+            if chunk is None:
+                return
+            yield chunk
+
+    def add_done_callback(self, fn: Callable[[RequestHandle], None]) -> None:
+        """Call ``fn(handle)`` once the request ends (at once when it already has)."""
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    # ---- engine side -------------------------------------------------------------------------------
+    def _emit(self, chunk: TokenChunk) -> None:
+        if self._chunks is not None:
+            self._chunks.put(chunk)
+
+    def _finish(self, output: GenerationOutput | None, error: BaseException | None = None) -> None:
+        with self._lock:
+            if self._done.is_set():
+                return
+            self._output, self._error = output, error
+            self.finished_at = time.monotonic()
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        if self._chunks is not None:
+            self._chunks.put(None)
+        for fn in callbacks:
+            fn(self)
 
 
 class GenerationEngine(Protocol):
@@ -78,8 +193,35 @@ class GenerationEngine(Protocol):
         """Policy version of the weights currently loaded."""
         ...
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationOutput]:
-        """Generate one response per prompt; outputs are in prompt order, each with per-token versions."""
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        stream: bool = False,
+    ) -> RequestHandle:
+        """Queue one request; returns at once. ``stream=True`` makes ``handle.stream()`` available."""
+        ...
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | Sequence[SamplingParams],
+        timeout_s: float | None = None,
+    ) -> list[GenerationOutput]:
+        """Submit every prompt (one params for all, or one each) and wait; outputs in prompt order."""
+        ...
+
+    def abort(self, request_ids: list[str]) -> None:
+        """End these requests at the next token boundary with finish_reason 'abort' (unknown ids ignored)."""
+        ...
+
+    def pause(self, timeout_s: float = 60.0) -> None:
+        """Stop decoding at the next token boundary (requests keep their place); returns once stopped."""
+        ...
+
+    def resume(self) -> None:
+        """Undo ``pause``: decoding continues (re-encoding the prefixes if the weights changed meanwhile)."""
         ...
 
     def update_weights(
@@ -89,7 +231,11 @@ class GenerationEngine(Protocol):
         ...
 
     def load(self) -> EngineLoad:
-        """Requests and tokens in flight, for routing."""
+        """Requests and tokens in flight, for routing and stall detection."""
+        ...
+
+    def close(self) -> None:
+        """Abort every request and stop the engine's thread; later submits raise."""
         ...
 
 
@@ -102,7 +248,7 @@ class EngineConfig:
     model_path: str = ""
     """Local directory of a transformers checkpoint (config + weights); no hub downloads."""
     max_batch_size: int = 512
-    """Most requests decoded together; a larger ``generate`` call is split into chunks of this size."""
+    """Most requests decoded together; more wait in the queue and join as running ones finish."""
     seed: int = 0
     """Seed of the engine's sampling generator; engines of one run should get different seeds."""
 

@@ -1,52 +1,97 @@
 """The rollout worker: a Ray actor that keeps one generation engine busy.
 
 Loops and threads (the actor is threaded, ``max_concurrency`` > 1):
-- the generation thread: ``acquire`` prompt groups from the dispatcher (admission follows the
-  staleness gate, so it may get none and wait), generate ``group_size`` responses per group in one
-  batched engine call, score them in the reward pool, ``put`` the trajectories into the datastore,
-  then ``finish`` the groups at the dispatcher. It never waits for training.
+- the engine thread (inside ``HFEngine``): continuous batching over every request submitted to it;
+  a request's done callback puts its group id on ``_finished`` (a queue put, nothing more).
+- the rollout loop thread (``_loop``), each iteration:
+  1. watch the engine: requests in flight but no decode step for ``engine_stall_timeout_s`` means
+     the engine stopped answering; the worker then retires (below) and the loop ends;
+  2. top up: ``acquire`` groups from the dispatcher (the staleness gate may grant none) until
+     ``groups_per_generate`` are in flight, and submit ``num_samples`` requests per group, all to
+     this worker's engine (a group never spans engines: its prompt prefix is shared);
+  3. collect groups whose requests have all finished, score them in the reward pool (worker
+     processes, off the engine thread: decoding goes on meanwhile), drop the groups whose rewards
+     are all equal when ``dynamic_sampling`` is on, ``put`` the rest into the datastore and
+     ``finish`` all of them at the dispatcher (dropped ones as rejected, so the gate refills them).
+  It never waits for training.
 - calls from the controller on other threads: ``update_weights`` hands new weights to the engine,
   which swaps them at the next token boundary (interruptible generation) and returns when loaded;
-  ``evaluate`` runs greedy decoding on held-out prompts; ``health`` reports counters and re-raises
-  the generation thread's failure so the controller stops the run naming this worker.
-Shutdown: ``stop`` sets an event; the thread exits after its current batch.
+  ``evaluate`` runs greedy decoding on held-out prompts (its requests join the running batch);
+  ``health`` reports counters and the groups in flight, and re-raises the loop's failure so the
+  controller stops the run naming this worker; ``retire`` takes the worker out of rotation.
+Retiring (engine stalled, or the supervisor said so): the worker marks itself retired, waits for a
+write in progress to end, forgets its remaining groups, aborts their requests and ``abandon``s them at
+the dispatcher, which requeues their prompts for the other workers. Two locks make that exact:
+``_lock`` (groups and the retired mark) is held from an ``acquire`` call until its groups are recorded,
+so ``health`` never misses a group the dispatcher gave this worker; ``_write_lock`` is held from the
+retired check before a ``put`` until the matching ``finish``, so a group is either written and
+finished or handed back, never both. ``health`` takes only ``_lock``, briefly: a ``put`` blocked on
+a full datastore does not make the worker look dead.
+Shutdown: ``stop`` sets an event; the loop aborts its requests, hands its groups back and exits.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import queue
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
 import torch
 
 from areal_like.rewards import RewardPool
-from areal_like.types import PromptGroup, PromptRecord, Trajectory
-from datastore.types import SampleWrite
+from areal_like.types import PromptGroup, PromptRecord
 from rollout.config import RolloutConfig
-from rollout.engine import SamplingParams
+from rollout.engine import EngineConfig, RequestHandle, SamplingParams, make_engine
+from rollout.samples import build_group_writes, rewards_all_equal
 
 logger = logging.getLogger(__name__)
+
+_RPC_TIMEOUT_S = 120.0
+"""Deadline of a call to the dispatcher."""
+_EVAL_TIMEOUT_S = 1800.0
+"""Longest an evaluation waits for its responses (they share the engine with rollouts)."""
+_POLL_S = 0.02
+"""How long the loop waits for a finished request (or, with nothing in flight, for the gate)."""
 
 
 @dataclass
 class WorkerHealth:
-    """Counters of one rollout worker since it started."""
+    """Counters of one rollout worker since it started (from ``RolloutWorker.health``)."""
 
     worker_id: int
     version: int
     groups_done: int
+    """Groups that left this worker finished (written, or filtered by dynamic sampling)."""
     samples_done: int
+    """Samples written to the datastore."""
     tokens_generated: int
     generate_s: float
+    """Summed time from submit to the last request of each group finishing."""
     reward_s: float
     reward_errors: int
     reward_timeouts: int
     idle_s: float
+    groups_filtered: int = 0
+    """Groups dropped by dynamic sampling (all rewards equal)."""
+    groups_abandoned: int = 0
+    """Groups handed back to the dispatcher unfinished (retirement, stop, aborted samples)."""
+    finish_reasons: dict[str, int] = field(default_factory=dict)
+    """Samples written per finish reason ('stop', 'length', 'abort')."""
+    interrupted_samples: int = 0
+    """Samples whose tokens span more than one policy version (a weight swap hit them mid-request)."""
+    reward_retries: int = 0
+    in_flight_group_ids: list[int] = field(default_factory=list)
+    """Groups this worker holds right now (acquired, not yet finished or abandoned)."""
+    running_requests: int = 0
+    waiting_requests: int = 0
+    retired: str | None = None
+    """Why the worker took itself out of rotation; None while it is in rotation."""
 
 
 @dataclass
@@ -60,6 +105,13 @@ class EvalResult:
     @property
     def accuracy(self) -> float:
         return float(np.mean(self.rewards)) if self.rewards else 0.0
+
+
+@dataclass
+class _GroupInFlight:
+    group: PromptGroup
+    handles: list[RequestHandle] = field(default_factory=list)
+    num_finished: int = 0
 
 
 class RolloutWorker:
@@ -77,7 +129,6 @@ class RolloutWorker:
         version: int,
     ) -> None:
         from areal_like.models import load_model, load_tokenizer
-        from rollout.hf_engine import HFEngine
 
         torch.set_num_threads(config.torch_threads)
         self.worker_id = worker_id
@@ -85,7 +136,12 @@ class RolloutWorker:
         self.dispatcher = dispatcher
         self.store = store
         self.tokenizer = load_tokenizer(model_path)
-        self.engine = HFEngine(load_model(model_path), engine_id=worker_id, version=version, seed=seed)
+        engine_config = EngineConfig(
+            type=config.engine, max_batch_size=config.engine_max_batch_size, seed=seed
+        )
+        self.engine = make_engine(
+            engine_config, engine_id=worker_id, version=version, model=load_model(model_path)
+        )
         self.rewards = RewardPool(reward_fn_path, num_workers=reward_workers, timeout_s=reward_timeout_s)
         eos = self.tokenizer.eos_token_id
         self.params = SamplingParams(
@@ -94,21 +150,26 @@ class RolloutWorker:
             top_p=config.top_p,
             stop_token_ids=(eos,) if eos is not None else (),
         )
-        self._generate_lock = threading.Lock()  # one generate call at a time (loop or eval)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: str | None = None
-        self._in_flight: list[int] = []
-        self._counters = dict(groups=0, samples=0, tokens=0, generate_s=0.0, reward_s=0.0, idle_s=0.0)
+        self._lock = threading.Lock()  # guards _groups and _retired; see the module docstring
+        self._write_lock = threading.Lock()  # held from the retired check to finish; see the docstring
+        self._groups: dict[int, _GroupInFlight] = {}
+        self._retired: str | None = None
+        self._finished: queue.SimpleQueue[int] = queue.SimpleQueue()  # group id per finished request
+        self._last_steps, self._last_progress = -1, time.monotonic()
+        self._counters = collections.Counter()
+        self._finish_reasons: collections.Counter[str] = collections.Counter()
 
-    # ---- generation loop ---------------------------------------------------------------------------
+    # ---- rollout loop --------------------------------------------------------------------------------
     def start(self) -> None:
         assert self._thread is None, "rollout loop already started"
         self._thread = threading.Thread(target=self._loop, name=f"rollout-{self.worker_id}", daemon=True)
         self._thread.start()
 
     def stop(self, timeout_s: float = 60.0) -> bool:
-        """Stop the loop after its current batch; True when it has exited."""
+        """Stop the loop (its unfinished groups go back to the dispatcher); True when it has exited."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
@@ -117,65 +178,162 @@ class RolloutWorker:
 
     def _loop(self) -> None:
         try:
-            while not self._stop.is_set():
-                groups: list[PromptGroup] = ray.get(
-                    self.dispatcher.acquire.remote(self.config.groups_per_generate), timeout=120
-                )
-                if not groups:
-                    start = time.perf_counter()
-                    self._stop.wait(0.02)
-                    self._counters["idle_s"] += time.perf_counter() - start
-                    continue
-                self._in_flight = [g.group_id for g in groups]
-                self._run_groups(groups)
-                self._in_flight = []
+            while not self._stop.is_set() and self._retired is None:
+                if self._engine_stalled():
+                    break
+                self._top_up()
+                ready = self._collect_finished_groups()
+                if ready:
+                    self._score_and_put(ready)
+            if self._retired is None:  # stopped: hand unfinished groups back (requeued on resume)
+                self._hand_back("stopped")
         except Exception:
             self._error = traceback.format_exc()
             logger.error("rollout worker %d failed:\n%s", self.worker_id, self._error)
-            if self._in_flight:
-                self.dispatcher.abandon.remote(self._in_flight)
+            self._hand_back("failed")
 
-    def _run_groups(self, groups: list[PromptGroup]) -> None:
-        prompts = [list(g.prompt_ids) for g in groups for _ in range(g.num_samples)]
+    def _engine_stalled(self) -> bool:
+        load = self.engine.load()
+        now = time.monotonic()
+        busy = load.running_requests + load.waiting_requests > 0
+        if not busy or load.decode_steps_total != self._last_steps:
+            self._last_steps, self._last_progress = load.decode_steps_total, now
+            return False
+        if now - self._last_progress < self.config.engine_stall_timeout_s:
+            return False
+        self.retire(
+            f"engine {self.engine.engine_id} made no decode step in {now - self._last_progress:.0f}s with "
+            f"{load.running_requests} running and {load.waiting_requests} waiting requests"
+        )
+        return True
+
+    def _top_up(self) -> None:
+        """Acquire groups until ``groups_per_generate`` are in flight and submit their samples."""
+        room = self.config.groups_per_generate - len(self._groups)
+        if room <= 0:
+            return
+        with self._lock:
+            if self._retired is not None:
+                return
+            groups: list[PromptGroup] = ray.get(self.dispatcher.acquire.remote(room), timeout=_RPC_TIMEOUT_S)
+            for group in groups:
+                entry = self._groups[group.group_id] = _GroupInFlight(group)
+                for _ in range(group.num_samples):
+                    handle = self.engine.submit(list(group.prompt_ids), self.params)
+                    handle.add_done_callback(lambda _, gid=group.group_id: self._finished.put(gid))
+                    entry.handles.append(handle)
+        if not groups and not self._groups:
+            start = time.perf_counter()
+            self._stop.wait(_POLL_S)
+            self._counters["idle_s"] += time.perf_counter() - start
+
+    def _collect_finished_groups(self) -> list[_GroupInFlight]:
+        """Groups whose every request has finished (waits up to ``_POLL_S`` for the first request)."""
+        ready = []
+        timeout_s: float | None = _POLL_S if self._groups else 0.0
+        while True:
+            try:
+                gid = self._finished.get(timeout=timeout_s) if timeout_s else self._finished.get_nowait()
+            except queue.Empty:
+                return ready
+            timeout_s = 0.0
+            entry = self._groups.get(gid)
+            if entry is None:  # handed back already
+                continue
+            entry.num_finished += 1
+            if entry.num_finished == entry.group.num_samples:
+                ready.append(entry)
+
+    def _score_and_put(self, ready: list[_GroupInFlight]) -> None:
+        outputs = {e.group.group_id: [h.result(timeout_s=0) for h in e.handles] for e in ready}
+        aborted = [e for e in ready if any(o.finish_reason == "abort" for o in outputs[e.group.group_id])]
+        if aborted:
+            self._abandon([e.group.group_id for e in aborted], "samples were aborted")
+            ready = [e for e in ready if e not in aborted]
+            if not ready:
+                return
+        items = [
+            (self._decode(o.response_ids), e.group.prompt.answer)
+            for e in ready
+            for o in outputs[e.group.group_id]
+        ]
         start = time.perf_counter()
-        with self._generate_lock:
-            outputs = self.engine.generate(prompts, self.params)
-        generated = time.perf_counter()
-        owners = [g for g in groups for _ in range(g.num_samples)]
-        texts = [self._decode(o.response_ids) for o in outputs]
-        scores = self.rewards.score([(text, g.prompt.answer) for text, g in zip(texts, owners, strict=True)])
-        scored = time.perf_counter()
+        scores = self.rewards.score(items)
+        self._counters["reward_s"] += time.perf_counter() - start
 
-        writes = []
-        for i, (output, group, score) in enumerate(zip(outputs, owners, scores, strict=True)):
-            trajectory = Trajectory(
-                group_id=group.group_id,
-                index=i % group.num_samples,
-                group_size=group.num_samples,
-                prompt_ids=np.asarray(group.prompt_ids, dtype=np.int64),
-                response_ids=np.asarray(output.response_ids, dtype=np.int64),
-                behav_logprobs=np.asarray(output.logprobs, dtype=np.float32),
-                versions=np.asarray(output.versions, dtype=np.int64),
-                reward=score.value,
-                finish_reason=output.finish_reason,
-                engine_id=self.worker_id,
-                reward_status=score.status,
+        writes, accepted, rejected, offset = [], [], [], 0
+        for entry in ready:
+            group, group_outputs = entry.group, outputs[entry.group.group_id]
+            group_scores = scores[offset : offset + group.num_samples]
+            offset += group.num_samples
+            if self.config.dynamic_sampling and rewards_all_equal(group_scores):
+                rejected.append(group.group_id)
+                continue
+            latencies = [h.finished_at - h.submitted_at for h in entry.handles]
+            writes.extend(build_group_writes(group, group_outputs, group_scores, latencies, self.worker_id))
+            accepted.append(group.group_id)
+        with self._write_lock:
+            if self._retired is not None:  # these groups were handed back: never write them
+                return
+            if writes:
+                self.store.put(writes)
+            ray.get(self.dispatcher.finish.remote(accepted, rejected), timeout=_RPC_TIMEOUT_S)
+            with self._lock:
+                for entry in ready:
+                    del self._groups[entry.group.group_id]
+        self._count(ready, outputs, rejected)
+
+    def _count(self, ready: list[_GroupInFlight], outputs: dict, rejected: list[int]) -> None:
+        c = self._counters
+        c["groups"] += len(ready)
+        c["groups_filtered"] += len(rejected)
+        for entry in ready:
+            c["generate_s"] += max(h.finished_at for h in entry.handles) - min(
+                h.submitted_at for h in entry.handles
             )
-            writes.append(SampleWrite.from_trajectory(trajectory))
-        self.store.put(writes)
-        ray.get(self.dispatcher.finish.remote([g.group_id for g in groups], []), timeout=120)
-
-        self._counters["groups"] += len(groups)
-        self._counters["samples"] += len(outputs)
-        self._counters["tokens"] += sum(len(o.response_ids) for o in outputs)
-        self._counters["generate_s"] += generated - start
-        self._counters["reward_s"] += scored - generated
+            group_outputs = outputs[entry.group.group_id]
+            c["tokens"] += sum(len(o.response_ids) for o in group_outputs)
+            if entry.group.group_id in rejected:
+                continue
+            c["samples"] += len(group_outputs)
+            c["interrupted"] += sum(len(set(o.versions)) > 1 for o in group_outputs)
+            self._finish_reasons.update(o.finish_reason for o in group_outputs)
+        if rejected:
+            logger.info(
+                "worker %d: dynamic sampling dropped %d of %d groups",
+                self.worker_id,
+                len(rejected),
+                len(ready),
+            )
 
     def _decode(self, response_ids: list[int]) -> str:
         ids = [t for t in response_ids if t not in self.params.stop_token_ids]
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    # ---- called by the controller --------------------------------------------------------------
+    def _abandon(self, group_ids: list[int], why: str) -> None:
+        """Hand groups back to the dispatcher (their prompts are requeued) and forget them."""
+        with self._lock:
+            entries = [self._groups.pop(gid) for gid in group_ids if gid in self._groups]
+        self._hand_back_entries(entries, why)
+
+    def _hand_back(self, why: str) -> None:
+        with self._write_lock, self._lock:
+            entries = list(self._groups.values())
+            self._groups.clear()
+        self._hand_back_entries(entries, why)
+
+    def _hand_back_entries(self, entries: list[_GroupInFlight], why: str) -> None:
+        if not entries:
+            return
+        self.engine.abort([h.request_id for e in entries for h in e.handles])
+        group_ids = [e.group.group_id for e in entries]
+        ray.get(self.dispatcher.abandon.remote(group_ids), timeout=_RPC_TIMEOUT_S)
+        self._counters["groups_abandoned"] += len(group_ids)
+        logger.warning(
+            "worker %d: handed %d groups back to the dispatcher (%s)", self.worker_id, len(group_ids), why
+        )
+
+    # ---- called by the controller ----------------------------------------------------------------
     def update_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
         """Load ``weights`` as policy ``version`` (at the next token boundary if generating)."""
         self.engine.update_weights(weights, version, timeout_s=self.config.weight_update_timeout_s)
@@ -188,16 +346,28 @@ class RolloutWorker:
             temperature=0.0,
             stop_token_ids=self.params.stop_token_ids,
         )
-        with self._generate_lock:
-            outputs = self.engine.generate(prompt_ids, params)
+        outputs = self.engine.generate(prompt_ids, params, timeout_s=_EVAL_TIMEOUT_S)
         texts = [self._decode(o.response_ids) for o in outputs]
         scores = self.rewards.score([(text, r.answer) for text, r in zip(texts, records, strict=True)])
         return EvalResult([r.prompt_id for r in records], [s.value for s in scores], texts)
 
+    def retire(self, reason: str) -> None:
+        """Take this worker out of rotation: stop acquiring, never write again, hand its groups back."""
+        with self._lock:
+            if self._retired is not None:
+                return
+            self._retired = reason
+        logger.error("rollout worker %d retired: %s", self.worker_id, reason)
+        self._stop.set()
+        self._hand_back(f"retired: {reason}")
+
     def health(self) -> WorkerHealth:
         if self._error is not None:
             raise RuntimeError(f"rollout worker {self.worker_id} stopped with an error:\n{self._error}")
-        counters = self.rewards.counters
+        with self._lock:
+            in_flight = sorted(self._groups)
+        load = self.engine.load()
+        rewards = self.rewards.counters
         c = self._counters
         return WorkerHealth(
             worker_id=self.worker_id,
@@ -207,11 +377,21 @@ class RolloutWorker:
             tokens_generated=c["tokens"],
             generate_s=c["generate_s"],
             reward_s=c["reward_s"],
-            reward_errors=counters.get("error", 0),
-            reward_timeouts=counters.get("timeout", 0),
+            reward_errors=rewards.get("error", 0),
+            reward_timeouts=rewards.get("timeout", 0),
             idle_s=c["idle_s"],
+            groups_filtered=c["groups_filtered"],
+            groups_abandoned=c["groups_abandoned"],
+            finish_reasons=dict(self._finish_reasons),
+            interrupted_samples=c["interrupted"],
+            reward_retries=rewards.get("retries", 0),
+            in_flight_group_ids=in_flight,
+            running_requests=load.running_requests,
+            waiting_requests=load.waiting_requests,
+            retired=self._retired,
         )
 
     def close(self) -> None:
         self.stop()
         self.rewards.close()
+        self.engine.close()

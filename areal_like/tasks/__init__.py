@@ -11,17 +11,22 @@ from typing import TYPE_CHECKING
 
 from areal_like.tasks.arithmetic import AdditionTask
 from areal_like.tasks.base import Task
+from areal_like.tasks.files import CODE, MATH, FileTask
 
 if TYPE_CHECKING:
     from areal_like.config import TaskConfig
 
 TASKS: dict[str, Task] = {
     "addition": AdditionTask(),
+    "math": MATH,
+    "code": CODE,
 }
 """Each task with its default parameters."""
 
 _BUILDERS: dict[str, Callable[[TaskConfig], Task]] = {
     "addition": lambda cfg: AdditionTask(max_operand=cfg.max_operand, num_operands=cfg.num_operands),
+    "math": lambda cfg: MATH,
+    "code": lambda cfg: CODE,
 }
 """How to build each task from a TaskConfig (the parameters a config may set)."""
 
@@ -34,10 +39,11 @@ def get_task(name: str) -> Task:
 
 
 def make_task(cfg: TaskConfig) -> Task:
-    """The task ``cfg.name`` built with the config's parameters (addition: max_operand, num_operands)."""
+    """The task ``cfg.name`` built with the config's parameters (addition: max_operand, num_operands;
+    math and code take their prompts from task.train_path/eval_path)."""
     if cfg.name not in _BUILDERS:
-        raise ValueError(f"task.name={cfg.name!r} is unknown; use one of {sorted(_BUILDERS)}")
+        raise ValueError(f"task.name={cfg.name!r} is unknown; known tasks: {sorted(_BUILDERS)}")
     return _BUILDERS[cfg.name](cfg)
 
 
-__all__ = ["TASKS", "AdditionTask", "Task", "get_task", "make_task"]
+__all__ = ["TASKS", "AdditionTask", "FileTask", "Task", "get_task", "make_task"]

@@ -48,3 +48,19 @@ def torch_imported(response: str, answer: str) -> float:
     import sys
 
     return float("torch" in sys.modules)
+
+
+def exit_first_time(response: str, answer: str) -> float:
+    """Kills its worker the first time it sees a response (``answer`` is a marker file path)."""
+    if not os.path.exists(answer):
+        open(answer, "w").close()
+        os._exit(3)
+    return 1.0
+
+
+def const_or_varied(response: str, answer: str) -> float:
+    """1.0 for answer 'const' (a group's rewards all equal); for 'varied', 1.0 for responses of odd
+    character sum, so a group's rewards usually differ."""
+    if answer == "const":
+        return 1.0
+    return float(sum(map(ord, response)) % 2)

@@ -19,7 +19,7 @@ def test_pool_scores_a_task_batch_in_order():
         assert pool.score([]) == []
     assert [r.value for r in results] == [float(i % 2) for i in range(64)]
     assert all(r.status == "ok" and r.error is None for r in results)
-    assert pool.counters == {"ok": 64, "error": 0, "timeout": 0, "worker_restarts": 0}
+    assert pool.counters == {"ok": 64, "error": 0, "timeout": 0, "worker_restarts": 0, "retries": 0}
 
 
 def test_raising_function_scores_zero_and_counts_an_error():
@@ -48,7 +48,7 @@ def test_sleeping_call_times_out_in_its_worker_and_the_pool_keeps_working():
         assert results[1].value == 0.0
         assert elapsed_s < 10.0  # the in-worker timer fired at 0.3 s (no kill: see worker_restarts below)
         assert pool.score([("c", "")])[0].status == "ok"
-    assert pool.counters == {"ok": 4, "error": 0, "timeout": 1, "worker_restarts": 0}
+    assert pool.counters == {"ok": 4, "error": 0, "timeout": 1, "worker_restarts": 0, "retries": 0}
 
 
 def test_call_the_timer_cannot_stop_gets_its_worker_killed_and_replaced():
@@ -63,15 +63,30 @@ def test_call_the_timer_cannot_stop_gets_its_worker_killed_and_replaced():
         assert "worker killed" in results[1].error
         assert elapsed_s < 10.0  # killed at ~1.3-1.6 s (timeout + grace), not after the 30 s sleep
         assert pool.score([("d", "")])[0].status == "ok"
-    assert pool.counters == {"ok": 12, "error": 0, "timeout": 1, "worker_restarts": 1}
+    assert pool.counters == {"ok": 12, "error": 0, "timeout": 1, "worker_restarts": 1, "retries": 0}
 
 
-def test_worker_that_dies_mid_call_scores_an_error_and_is_replaced():
-    with RewardPool(f"{FIXTURES}:exit_on_die", num_workers=2) as pool:
+def test_worker_that_dies_mid_call_is_replaced_and_the_item_retried_then_scored_an_error():
+    with RewardPool(f"{FIXTURES}:exit_on_die", num_workers=2, max_retries=1) as pool:
         results = pool.score([("a", ""), ("die", ""), ("b", ""), ("die", ""), ("c", "")])
     assert [r.status for r in results] == ["ok", "error", "ok", "error", "ok"]
     assert "exit code 3" in results[1].error
-    assert pool.counters["worker_restarts"] == 2
+    # Each "die" item ran twice (first try + one retry), each time killing its worker.
+    assert pool.counters["retries"] == 2 and pool.counters["worker_restarts"] == 4
+
+
+def test_a_crash_that_does_not_repeat_is_retried_to_success_and_counted(tmp_path):
+    marker = str(tmp_path / "crashed-once")
+    with RewardPool(f"{FIXTURES}:exit_first_time", max_retries=1) as pool:
+        results = pool.score([("x", marker)])
+    assert results == [RewardResult(1.0, "ok")]
+    assert pool.counters == {"ok": 1, "error": 0, "timeout": 0, "worker_restarts": 1, "retries": 1}
+
+
+def test_with_no_retries_a_crash_scores_an_error_at_once():
+    with RewardPool(f"{FIXTURES}:exit_on_die", max_retries=0) as pool:
+        assert pool.score([("die", "")])[0].status == "error"
+    assert pool.counters["retries"] == 0 and pool.counters["worker_restarts"] == 1
 
 
 def test_workers_do_not_import_torch_even_when_the_caller_has_it():

@@ -13,14 +13,14 @@ from areal_like.tasks.arithmetic import addition_reward
 
 def test_get_task_lists_known_names_for_an_unknown_one():
     assert get_task("addition") is TASKS["addition"]
-    with pytest.raises(ValueError, match=r"'nope'.*\['addition'\]"):
+    with pytest.raises(ValueError, match=r"'nope'.*\['addition', 'code', 'math'\]"):
         get_task("nope")
 
 
 def test_make_task_applies_the_config_parameters():
     task = make_task(TaskConfig(name="addition", max_operand=99, num_operands=3))
     assert (task.max_operand, task.num_operands) == (99, 3)
-    with pytest.raises(ValueError, match="task.name='nope'"):
+    with pytest.raises(ValueError, match="task.name='nope' is unknown; known tasks"):
         make_task(TaskConfig(name="nope"))
 
 
@@ -58,9 +58,17 @@ def test_addition_reward_is_exact_match_up_to_eos():
     assert addition_reward("", "8") == 0.0
 
 
+CORRECT_EXAMPLES = {
+    "addition": ("1", "1"),
+    "math": ("\\boxed{1}", "1"),
+    "code": ("print(1)", '{"tests": [{"input": "", "output": "1"}]}'),
+}
+
+
 def test_every_task_reward_resolves_and_its_module_does_not_import_torch():
-    for task in TASKS.values():
-        assert resolve_reward_fn(task.reward_fn_path)("1", "1") == 1.0
+    assert set(CORRECT_EXAMPLES) == set(TASKS)
+    for name, task in TASKS.items():
+        assert resolve_reward_fn(task.reward_fn_path)(*CORRECT_EXAMPLES[name]) == 1.0, name
         module = task.reward_fn_path.split(":")[0]
         code = f"import sys, {module}; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
         assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0, module
@@ -70,3 +78,32 @@ def test_every_task_reward_resolves_and_its_module_does_not_import_torch():
 def test_bad_split_or_count_is_rejected(split, num):
     with pytest.raises(ValueError):
         AdditionTask().make_prompts(split, num, seed=0)
+
+
+@pytest.mark.parametrize("name", ["math", "code"])
+def test_file_tasks_name_their_reward_and_ask_for_prompt_files(name):
+    task = make_task(TaskConfig(name=name))
+    assert task.reward_fn_path.startswith("areal_like.rewards_")
+    with pytest.raises(ValueError, match=rf"task '{name}' has no built-in prompts: set task.train_path"):
+        task.make_prompts("train", 4, seed=0)
+
+
+def test_a_math_run_with_prompt_files_loads_them_and_the_math_reward(tmp_path):
+    import json
+
+    from areal_like.prompts import load_prompt_records
+
+    path = tmp_path / "gsm.jsonl"
+    path.write_text(
+        "".join(json.dumps({"prompt": f"{a}+{a}?", "answer": f"#### {2 * a}"}) + "\n" for a in range(3))
+    )
+    cfg = TaskConfig(name="math", train_path=str(path), eval_path=str(path))
+    records = load_prompt_records(cfg, seed=0)
+    assert records.reward_fn_path == "areal_like.rewards_math:math_reward" and len(records.train) == 3
+
+
+def test_a_user_reward_function_from_the_config_replaces_the_task_reward():
+    from areal_like.prompts import load_prompt_records
+
+    cfg = TaskConfig(name="addition", reward_fn="tests.unit.reward_fixtures:exact")
+    assert load_prompt_records(cfg, seed=0).reward_fn_path == "tests.unit.reward_fixtures:exact"

@@ -1,0 +1,192 @@
+"""Routing across engines: which engine generates a prompt group, and what happens when one stops answering.
+
+Routing is pull-based. Each rollout worker owns one engine and asks the dispatcher for groups only
+when it has room (``groups_per_generate`` minus the groups it holds), so:
+- least-loaded: an engine that is behind holds its groups longer and asks for fewer; idle ones ask
+  at once. A push router would need load reports a round trip old; pulling uses the live number.
+- prefix reuse: a group is acquired by one worker and all ``num_samples`` requests go to that
+  worker's engine together, so they share the prompt prefix (and one prefill batch on HF).
+- the staleness gate stays the single admission point (the dispatcher), whatever the worker count.
+
+What pulling alone does not give is failure handling; ``RolloutSupervisor`` adds it. The controller
+(driver) owns one and calls ``check`` every few seconds and ``update_weights`` at every weight sync:
+- ``check``: read the dispatcher's in-flight groups, then ask every worker in rotation for
+  ``health`` (one ``health_timeout_s`` for all). A worker that does not answer, or whose actor died,
+  is killed (so it can never write again) and taken out of rotation; a worker that reports it
+  retired itself (its engine stalled) is taken out too. The groups they held go back to the
+  dispatcher (``abandon``: prompts requeued, gate slots freed) and other workers pull them. A
+  worker whose loop raised is a bug, not an outage: ``check`` raises with its traceback.
+- Which groups a dead worker held: the dispatcher's in-flight set read *before* the health calls,
+  minus every group an answering worker reports in flight (a worker that retired itself included:
+  it finishes or hands back its own). A worker records acquired groups under the same lock as its
+  ``acquire`` call and drops them only after ``finish``, so no answering worker's group is in that
+  difference; a group finished in between is in it, but ``abandon`` ignores finished ids. A killed
+  worker is waited for until its actor is gone before its groups are handed back.
+- Counted: ``engines_retired_total`` and ``groups_resubmitted_total`` (``metrics()``, ``rollout/``).
+- Fewer than ``min_active`` workers left: ``check`` raises, naming every retirement and its reason.
+Blocking: ``check`` waits at most ``health_timeout_s`` plus one dispatcher call; nothing runs in the
+background. Shutdown is the controller's (it still kills every actor it made).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayTaskError
+
+from rollout.worker import WorkerHealth
+
+logger = logging.getLogger(__name__)
+
+_RPC_TIMEOUT_S = 60.0
+"""Deadline of a call to the dispatcher."""
+
+
+@dataclass(frozen=True)
+class RetiredWorker:
+    """A rollout worker taken out of rotation."""
+
+    worker_id: int
+    reason: str
+
+
+class RolloutSupervisor:
+    """The controller's view of the rollout workers: who is in rotation, and failure handling."""
+
+    def __init__(
+        self, workers: list[Any], dispatcher: Any, health_timeout_s: float = 60.0, min_active: int = 1
+    ) -> None:
+        if not workers:
+            raise ValueError("RolloutSupervisor: no rollout workers")
+        if not 1 <= min_active <= len(workers):
+            raise ValueError(f"RolloutSupervisor: min_active={min_active} must be in [1, {len(workers)}]")
+        self._active: dict[int, Any] = dict(enumerate(workers))
+        self._dispatcher = dispatcher
+        self._health_timeout_s = health_timeout_s
+        self._min_active = min_active
+        self.retired: list[RetiredWorker] = []
+        self.groups_resubmitted_total = 0
+        """Groups the supervisor found orphaned by retired workers and handed back to the dispatcher
+        (a worker that retires itself hands its own back first; those count in its health)."""
+        self._last_health: dict[int, WorkerHealth] = {}
+
+    @property
+    def active(self) -> list[Any]:
+        """Handles of the workers in rotation (send weights and eval prompts to these only)."""
+        return list(self._active.values())
+
+    @property
+    def active_ids(self) -> list[int]:
+        return list(self._active)
+
+    def all_health(self) -> list[WorkerHealth]:
+        """Last health of every worker ever in rotation (retired ones included), for run totals."""
+        return [self._last_health[wid] for wid in sorted(self._last_health)]
+
+    def check(self) -> list[WorkerHealth]:
+        """Poll the workers in rotation, retire the ones that stopped answering; health of the rest."""
+        in_flight_before = self._dispatcher_in_flight()
+        refs = {wid: worker.health.remote() for wid, worker in self._active.items()}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self._health_timeout_s)
+        answered = set(ready)
+        healthy: list[WorkerHealth] = []
+        claimed: set[int] = set()  # groups some answering worker holds
+        failures: dict[int, str] = {}
+        for wid, ref in refs.items():
+            if ref not in answered:
+                failures[wid] = f"no health answer within {self._health_timeout_s:.0f}s"
+                continue
+            try:
+                health: WorkerHealth = ray.get(ref, timeout=0)
+            except (ActorDiedError, ActorUnavailableError) as error:
+                failures[wid] = f"actor died: {type(error).__name__}: {str(error).splitlines()[0]}"
+                continue
+            except RayTaskError as error:  # the worker's loop raised: a bug, stop loudly
+                raise RuntimeError(f"rollout worker {wid} failed:\n{error}") from error
+            self._last_health[wid] = health
+            claimed.update(health.in_flight_group_ids)
+            if health.retired is not None:
+                failures[wid] = f"retired itself: {health.retired}"
+            else:
+                healthy.append(health)
+        if failures:
+            self._retire_all(failures, sorted(set(in_flight_before) - claimed))
+        return healthy
+
+    def update_weights(self, weights_ref: Any, version: int, timeout_s: float) -> None:
+        """Send weights to every worker in rotation; a worker that dies or times out is retired.
+
+        Raises when a worker answers with another version (a bug) or rejects the weights.
+        """
+        refs = {
+            wid: worker.update_weights.remote(weights_ref, version) for wid, worker in self._active.items()
+        }
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        failures: dict[int, str] = {}
+        for wid, ref in refs.items():
+            if ref not in ready:
+                failures[wid] = f"weight update to version {version} not done within {timeout_s:.0f}s"
+                continue
+            try:
+                loaded = ray.get(ref, timeout=0)
+            except (ActorDiedError, ActorUnavailableError) as error:
+                failures[wid] = f"actor died during weight update: {type(error).__name__}"
+                continue
+            if loaded != version:
+                raise RuntimeError(f"rollout worker {wid} loaded version {loaded}, expected {version}")
+        if failures:
+            # A worker that missed an update must not generate under old weights: out it goes.
+            self._retire_all(failures, orphans=None)
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "rollout/engines_active": float(len(self._active)),
+            "rollout/engines_retired_total": float(len(self.retired)),
+            "rollout/groups_resubmitted_total": float(self.groups_resubmitted_total),
+        }
+
+    # ---- internals ---------------------------------------------------------------------------------
+    def _dispatcher_in_flight(self) -> list[int]:
+        state = ray.get(self._dispatcher.state.remote(), timeout=_RPC_TIMEOUT_S)
+        return list(state.in_flight)
+
+    def _retire_all(self, failures: dict[int, str], orphans: list[int] | None) -> None:
+        for wid, reason in failures.items():
+            handle = self._active.pop(wid)
+            if not reason.startswith("retired itself"):
+                _kill_and_wait(handle)  # a worker that stopped answering may wake up; it must not write
+            logger.error("rollout worker %d taken out of rotation: %s", wid, reason)
+        if orphans is None:  # the caller does not know the live set: compute it now
+            orphans = self._orphans_now()
+        if orphans:
+            ray.get(self._dispatcher.abandon.remote(orphans), timeout=_RPC_TIMEOUT_S)
+            logger.warning("resubmitted %d prompt groups held by retired workers", len(orphans))
+            self.groups_resubmitted_total += len(orphans)
+        self.retired.extend(RetiredWorker(wid, reason) for wid, reason in failures.items())
+        if len(self._active) < self._min_active:
+            history = "; ".join(f"worker {r.worker_id}: {r.reason}" for r in self.retired)
+            raise RuntimeError(
+                f"only {len(self._active)} rollout worker(s) left in rotation, fewer than "
+                f"rollout.min_active_workers={self._min_active}; retired: {history}"
+            )
+
+    def _orphans_now(self) -> list[int]:
+        in_flight_before = self._dispatcher_in_flight()
+        refs = [worker.health.remote() for worker in self._active.values()]
+        try:
+            answers = ray.get(refs, timeout=self._health_timeout_s)
+        except (GetTimeoutError, ActorDiedError, ActorUnavailableError, RayTaskError):
+            return []  # the next check() finds the culprit and the orphans with it
+        claimed = {gid for h in answers for gid in h.in_flight_group_ids}
+        return sorted(set(in_flight_before) - claimed)
+
+
+def _kill_and_wait(handle: Any, timeout_s: float = 30.0) -> None:
+    """Kill a worker actor and wait (bounded) until calls to it fail, i.e. its process is gone."""
+    ray.kill(handle, no_restart=True)
+    with contextlib.suppress(ActorDiedError, ActorUnavailableError, GetTimeoutError, RayTaskError):
+        ray.get(handle.health.remote(), timeout=timeout_s)

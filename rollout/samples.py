@@ -1,0 +1,130 @@
+"""From finished requests to datastore writes: trajectories, per-sample metadata, dynamic sampling.
+
+Pure functions over records, used by the rollout worker (``rollout/worker.py``) once every sample
+of a prompt group has finished and been scored:
+- ``build_group_writes`` turns the group's outputs and rewards into ``SampleWrite`` records: the
+  training columns of ``Trajectory`` plus one ``sample_meta`` column (``SAMPLE_META_DTYPE``) that
+  says which engine made the sample, its token versions and lengths, why it ended and how long
+  it took. Trainers ignore the column; analysis reads it back with ``SampleMetadata.from_column``.
+- ``rewards_all_equal`` is the dynamic-sampling rule (DAPO): a group whose rewards are all equal
+  has zero advantage everywhere, so it teaches nothing and is dropped (and counted) before it
+  reaches the datastore; the staleness gate then frees its slot, so the batch is refilled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from areal_like.rewards import RewardResult
+from areal_like.types import GenerationOutput, PromptGroup, Trajectory
+from datastore.types import SampleWrite
+
+META_COLUMN = "sample_meta"
+"""Datastore column holding each sample's ``SampleMetadata`` as a structured array [1]."""
+
+SAMPLE_META_DTYPE = np.dtype(
+    [
+        ("engine_id", np.int32),
+        ("group_id", np.int64),
+        ("index", np.int32),
+        ("prompt_len", np.int32),
+        ("response_len", np.int32),
+        ("version_min", np.int64),
+        ("version_max", np.int64),
+        ("num_versions", np.int32),
+        ("admitted_version", np.int64),
+        ("finish_reason", "U8"),
+        ("reward_status", "U8"),
+        ("latency_s", np.float32),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class SampleMetadata:
+    """What is known about how one sample was made (one row of ``SAMPLE_META_DTYPE``)."""
+
+    engine_id: int
+    """The engine (= rollout worker id) that generated every token of the sample."""
+    group_id: int
+    index: int
+    """Position of the sample in its group."""
+    prompt_len: int
+    response_len: int
+    version_min: int
+    """Policy version of the oldest response token (-1 for an empty response)."""
+    version_max: int
+    num_versions: int
+    """Distinct versions among the response tokens: > 1 means a weight update interrupted it."""
+    admitted_version: int
+    """Policy version when the staleness gate admitted the group."""
+    finish_reason: str
+    """'stop' (eos), 'length' (max_new_tokens) or 'abort'."""
+    reward_status: str
+    """'ok', 'error' or 'timeout' (see ``RewardResult``)."""
+    latency_s: float
+    """Seconds from submit to the engine until the request finished."""
+
+    def column(self) -> np.ndarray:
+        """This record as a structured array [1] of ``SAMPLE_META_DTYPE``."""
+        return np.array([tuple(getattr(self, f.name) for f in fields(self))], dtype=SAMPLE_META_DTYPE)
+
+    @classmethod
+    def from_column(cls, column: np.ndarray) -> SampleMetadata:
+        row = column[0]
+        return cls(**{f.name: row[f.name].item() for f in fields(cls)})
+
+
+def build_group_writes(
+    group: PromptGroup,
+    outputs: list[GenerationOutput],
+    scores: list[RewardResult],
+    latencies_s: list[float],
+    engine_id: int,
+) -> list[SampleWrite]:
+    """One ``SampleWrite`` per sample of ``group``: training columns plus the ``sample_meta`` column."""
+    assert len(outputs) == len(scores) == len(latencies_s) == group.num_samples, (
+        len(outputs),
+        len(scores),
+        group.num_samples,
+    )
+    writes = []
+    for index, (output, score, latency_s) in enumerate(zip(outputs, scores, latencies_s, strict=True)):
+        trajectory = Trajectory(
+            group_id=group.group_id,
+            index=index,
+            group_size=group.num_samples,
+            prompt_ids=np.asarray(group.prompt_ids, dtype=np.int64),
+            response_ids=np.asarray(output.response_ids, dtype=np.int64),
+            behav_logprobs=np.asarray(output.logprobs, dtype=np.float32),
+            versions=np.asarray(output.versions, dtype=np.int64),
+            reward=score.value,
+            finish_reason=output.finish_reason,
+            engine_id=engine_id,
+            reward_status=score.status,
+        )
+        meta = SampleMetadata(
+            engine_id=engine_id,
+            group_id=group.group_id,
+            index=index,
+            prompt_len=len(group.prompt_ids),
+            response_len=len(output.response_ids),
+            version_min=trajectory.min_version,
+            version_max=trajectory.max_version,
+            num_versions=len(set(output.versions)),
+            admitted_version=group.admitted_version,
+            finish_reason=output.finish_reason,
+            reward_status=score.status,
+            latency_s=latency_s,
+        )
+        write = SampleWrite.from_trajectory(trajectory)
+        write.columns[META_COLUMN] = meta.column()
+        writes.append(write)
+    return writes
+
+
+def rewards_all_equal(scores: list[RewardResult]) -> bool:
+    """The dynamic-sampling filter: True when every sample of a group got the same reward."""
+    return len({score.value for score in scores}) <= 1
