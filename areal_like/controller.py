@@ -50,6 +50,7 @@ from areal_like.staleness import min_allowed_version
 from datastore import make_datastore
 from datastore.policies import split_for_ranks, split_imbalance
 from datastore.types import DataStoreSamplesLost, DataStoreTimeout, SampleMeta
+from rollout.router import RolloutSupervisor
 from rollout.worker import RolloutWorker
 from trainer.worker import TRAIN_COLUMNS, TrainerRank, TrainStats
 
@@ -182,6 +183,9 @@ class RLController:
         )
         self.trainers = self._make_trainers()
         self.workers = self._make_workers(version=0)
+        self.rollout = RolloutSupervisor(
+            self.workers, self.dispatcher, cfg.rollout.health_timeout_s, cfg.rollout.min_active_workers
+        )
         self._wait([t.ping.remote() for t in self.trainers], "trainer", "start")
         print(
             placement.placement_report({"trainer": self.trainers, "rollout worker": self.workers}), flush=True
@@ -223,7 +227,7 @@ class RLController:
 
     def start_rollouts(self) -> None:
         ray.get(self.dispatcher.set_version.remote(self.version))
-        self._wait([w.start.remote() for w in self.workers], "rollout worker", "start")
+        self._wait([w.start.remote() for w in self.rollout.active], "rollout worker", "start")
 
     def wait_for_batch(self) -> tuple[list[SampleMeta], float]:
         """Block until ``batch_groups`` fresh complete groups are ready; evictions free gate slots."""
@@ -290,13 +294,10 @@ class RLController:
         start = time.perf_counter()
         refs = [t.export_weights.remote() for t in self.trainers]
         self._wait(refs, "trainer", "export weights")
-        loaded = self._wait(
-            [w.update_weights.remote(refs[0], version) for w in self.workers],
-            "rollout worker",
-            f"load weights v{version}",
-            timeout_s=self.config.rollout.weight_update_timeout_s + 30,
+        # Workers that die or time out here are taken out of rotation (their groups resubmitted).
+        self.rollout.update_weights(
+            refs[0], version, timeout_s=self.config.rollout.weight_update_timeout_s + 30
         )
-        assert all(v == version for v in loaded), (loaded, version)
         self.version = version
         ray.get(self.dispatcher.set_version.remote(version))
         return time.perf_counter() - start
@@ -332,7 +333,8 @@ class RLController:
         staleness = [trained_version - m.min_version for m in batch]
         self.staleness_max_seen = max(self.staleness_max_seen, max(staleness))
         gate = ray.get(self.dispatcher.gate_state.remote())
-        health = self._check_workers()
+        self._check_workers()
+        health = self.rollout.all_health()  # retired workers' last counters too, so totals never drop
         tokens = sum(s.num_tokens for s in stats)
         step_s = wait_s + train_s + sync_s + save_s
         rewards = [s.reward_mean for s in stats]
@@ -359,6 +361,12 @@ class RLController:
             "rollout/reward_errors_total": sum(h.reward_errors for h in health),
             "rollout/reward_timeouts_total": sum(h.reward_timeouts for h in health),
             "rollout/idle_s_total": sum(h.idle_s for h in health),
+            "rollout/groups_filtered_total": sum(h.groups_filtered for h in health),
+            "rollout/groups_abandoned_total": sum(h.groups_abandoned for h in health),
+            "rollout/interrupted_samples_total": sum(h.interrupted_samples for h in health),
+            "rollout/reward_retries_total": sum(h.reward_retries for h in health),
+            "rollout/finish_length_total": sum(h.finish_reasons.get("length", 0) for h in health),
+            **self.rollout.metrics(),
             "timing/step_s": step_s,
             "timing/wait_batch_s": wait_s,
             "timing/train_s": train_s,
@@ -385,8 +393,9 @@ class RLController:
         if not self.config.eval.enabled:
             return None
         records, ids = self.prompts.eval, self.prompts.eval_ids
-        n = len(self.workers)
-        shards = [(w, records[i::n], ids[i::n]) for i, w in enumerate(self.workers) if records[i::n]]
+        workers = self.rollout.active
+        n = len(workers)
+        shards = [(w, records[i::n], ids[i::n]) for i, w in enumerate(workers) if records[i::n]]
         results = self._wait(
             [w.evaluate.remote(recs, toks) for w, recs, toks in shards], "rollout worker", "eval"
         )
@@ -413,7 +422,7 @@ class RLController:
         return accuracy
 
     def stop_rollouts(self) -> None:
-        self._wait([w.stop.remote() for w in self.workers], "rollout worker", "stop")
+        self._wait([w.stop.remote() for w in self.rollout.active], "rollout worker", "stop")
 
     def finish(self, first_step, eval_before, eval_after, train_seconds) -> RunSummary:
         summary = RunSummary(
@@ -543,7 +552,8 @@ class RLController:
         return ray.get(refs)
 
     def _check_workers(self):
-        return self._wait([w.health.remote() for w in self.workers], "rollout worker", "health", timeout_s=60)
+        """Health of the workers in rotation; ones that stopped answering are retired on the way."""
+        return self.rollout.check()
 
 
 def run_training(config: Config) -> RunSummary:

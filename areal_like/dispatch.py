@@ -89,11 +89,17 @@ class PromptDispatcher:
 
     def finish(self, accepted_group_ids: list[int], rejected_group_ids: list[int]) -> None:
         """Groups left generation: accepted ones are in the datastore, rejected ones were dropped."""
-        for gid in accepted_group_ids:
+        # A worker retired as dead that was only slow can report groups already handed back.
+        accepted = [g for g in accepted_group_ids if g in self._in_flight]
+        rejected = [g for g in rejected_group_ids if g in self._in_flight]
+        for gid in accepted:
             self._buffered[gid] = self._in_flight.pop(gid)
-        for gid in rejected_group_ids:
+        for gid in rejected:
             del self._in_flight[gid]
-        self.gate.on_finished(len(accepted_group_ids), len(rejected_group_ids))
+        late = len(accepted_group_ids) + len(rejected_group_ids) - len(accepted) - len(rejected)
+        if late:
+            logger.warning("finish: %d group(s) were already handed back; ignored", late)
+        self.gate.on_finished(len(accepted), len(rejected))
 
     def abandon(self, group_ids: list[int]) -> None:
         """A worker failed with these groups in flight: free their slots and requeue their prompts."""

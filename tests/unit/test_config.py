@@ -92,3 +92,8 @@ def test_unknown_task_fails_before_any_work(tmp_path):
     config = load_config(RL_RECIPE, ["task.name=sorting", f"run.dir={tmp_path}"])
     with pytest.raises(ValueError, match="known tasks"):
         load_prompt_records(config.task, seed=0)
+
+
+def test_overlong_window_must_fit_inside_the_response_budget():
+    with pytest.raises(ConfigError, match="overlong_tokens=8 must be below rollout.max_new_tokens=4"):
+        load_config(RL_RECIPE, ["train.reward.overlong_tokens=8", "rollout.max_new_tokens=4"])

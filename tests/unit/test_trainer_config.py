@@ -28,6 +28,7 @@ def test_nested_sections_are_set_from_overrides():
         "train.kl.estimator=k2",
         "train.critic.value_clip=null",
         "train.reward.overlong_tokens=8",
+        "rollout.max_new_tokens=16",
         "train.max_tokens_per_micro_batch=4096",
         "train.eps_clip_high=0.28",
     ]
