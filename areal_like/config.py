@@ -97,6 +97,8 @@ class TaskConfig:
     """addition: largest operand."""
     num_operands: int = 2
     """addition: operands per prompt."""
+    modulus: int | None = None
+    """addition: the answer is the sum modulo this (10 keeps every answer one digit); None = the plain sum."""
     num_train_prompts: int = 2000
     """Generated training prompts (ignored when train_path is set)."""
     num_eval_prompts: int = 20

@@ -24,7 +24,9 @@ TASKS: dict[str, Task] = {
 """Each task with its default parameters."""
 
 _BUILDERS: dict[str, Callable[[TaskConfig], Task]] = {
-    "addition": lambda cfg: AdditionTask(max_operand=cfg.max_operand, num_operands=cfg.num_operands),
+    "addition": lambda cfg: AdditionTask(
+        max_operand=cfg.max_operand, num_operands=cfg.num_operands, modulus=cfg.modulus
+    ),
     "math": lambda cfg: MATH,
     "code": lambda cfg: CODE,
 }

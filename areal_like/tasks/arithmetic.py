@@ -36,18 +36,25 @@ class AdditionTask(Task):
     name = "addition"
     reward_fn_path = "areal_like.tasks.arithmetic:addition_reward"
 
-    def __init__(self, max_operand: int = 9, num_operands: int = 2):
+    def __init__(self, max_operand: int = 9, num_operands: int = 2, modulus: int | None = None):
+        if modulus is not None and modulus < 2:
+            raise ValueError(f"modulus={modulus}; must be >= 2, or None for the plain sum")
         if max_operand < 1:
             raise ValueError(f"max_operand={max_operand}; must be >= 1 so both splits are non-empty")
         if num_operands < 2:
             raise ValueError(f"num_operands={num_operands}; must be >= 2")
         self.max_operand = max_operand
         self.num_operands = num_operands
+        self.modulus = modulus
         self.space_size = (max_operand + 1) ** num_operands
-        self.max_new_tokens_hint = len(str(max_operand * num_operands)) + 1  # digits + eos
+        largest = max_operand * num_operands if modulus is None else modulus - 1
+        self.max_new_tokens_hint = len(str(largest)) + 1  # digits + eos
 
     def __repr__(self) -> str:
-        return f"AdditionTask(max_operand={self.max_operand}, num_operands={self.num_operands})"
+        return (
+            f"AdditionTask(max_operand={self.max_operand}, num_operands={self.num_operands}, "
+            f"modulus={self.modulus})"
+        )
 
     def make_prompts(self, split: str, num: int, seed: int) -> list[PromptRecord]:
         check_split_and_num(split, num)
@@ -59,10 +66,14 @@ class AdditionTask(Task):
                 PromptRecord(
                     prompt_id=f"{self.name}:{split}:{seed}:{i}",
                     text="+".join(map(str, operands)) + "=",
-                    answer=str(sum(operands)),
+                    answer=str(self.answer(operands)),
                 )
             )
         return records
+
+    def answer(self, operands: tuple[int, ...]) -> int:
+        total = sum(operands)
+        return total if self.modulus is None else total % self.modulus
 
     def _eval_operands(self, i: int) -> tuple[int, ...]:
         # Held-out prompts cycle through the enumerated eval tuples, so an eval of at least that many

@@ -107,3 +107,17 @@ def test_a_user_reward_function_from_the_config_replaces_the_task_reward():
 
     cfg = TaskConfig(name="addition", reward_fn="tests.unit.reward_fixtures:exact")
     assert load_prompt_records(cfg, seed=0).reward_fn_path == "tests.unit.reward_fixtures:exact"
+
+
+def test_addition_modulo_keeps_answers_single_digit_and_splits_disjoint():
+    from areal_like.tasks import AdditionTask
+
+    task = AdditionTask(max_operand=9, modulus=10)
+    train = task.make_prompts("train", 200, seed=0)
+    held_out = task.make_prompts("eval", 20, seed=0)
+    assert all(len(p.answer) == 1 for p in train + held_out)
+    for p in train[:20]:
+        a, b = (int(x) for x in p.text.rstrip("=").split("+"))
+        assert p.answer == str((a + b) % 10)
+    assert not {p.text for p in train} & {p.text for p in held_out}
+    assert len({p.text for p in held_out}) == 20  # every held-out pair exactly once
