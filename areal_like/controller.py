@@ -34,7 +34,7 @@ import numpy as np
 import ray
 
 from areal_like import checkpoint as ckpt
-from areal_like import placement
+from areal_like import launch, placement
 from areal_like.config import Config, to_yaml
 from areal_like.dispatch import PromptDispatcher
 from areal_like.metrics import (
@@ -51,8 +51,7 @@ from datastore import make_datastore
 from datastore.policies import split_for_ranks, split_imbalance
 from datastore.types import DataStoreSamplesLost, DataStoreTimeout, SampleMeta
 from rollout.router import RolloutSupervisor
-from rollout.worker import RolloutWorker
-from trainer.worker import TRAIN_COLUMNS, TrainerRank, TrainStats
+from trainer.worker import TRAIN_COLUMNS, TrainStats
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +164,7 @@ class RLController:
 
     def build(self) -> None:
         cfg = self.config
-        self.model_path = self._model_path()
+        self.model_path = launch.resolve_model_path(cfg.model, self.run_dir)
         self.prompts: PromptSets = tokenize_prompts(self.prompt_records, self.model_path)
         self.store = make_datastore(cfg.datastore)
         self.dispatcher = (
@@ -181,8 +180,18 @@ class RLController:
                 cfg.run.seed,
             )
         )
-        self.trainers = self._make_trainers()
-        self.workers = self._make_workers(version=0)
+        self.trainers = launch.make_trainers(cfg, self.model_path)
+        # A resumed run samples from a fresh stream: the seed moves with the checkpoint's step.
+        latest = ckpt.latest_checkpoint(self.run_dir) if cfg.run.resume else None
+        resume_step = ckpt.read_state(latest).step if latest else 0
+        self.workers = launch.make_rollout_workers(
+            cfg,
+            self.model_path,
+            self.prompts.reward_fn_path,
+            self.dispatcher,
+            self.store,
+            seed=cfg.run.seed * 7919 + resume_step * 104729,
+        )
         self.rollout = RolloutSupervisor(
             self.workers, self.dispatcher, cfg.rollout.health_timeout_s, cfg.rollout.min_active_workers
         )
@@ -477,66 +486,6 @@ class RLController:
                 sinks.append(WandbSink(self.config.run.wandb_project, self.run_dir, plain))
             self._metrics = MetricsLogger(sinks)
         return self._metrics
-
-    def _model_path(self) -> str:
-        cfg = self.config.model
-        if cfg.path is not None:
-            if not os.path.isdir(cfg.path):
-                raise FileNotFoundError(f"model.path={cfg.path!r} is not a directory (a local HF model dir)")
-            return os.path.abspath(cfg.path)
-        from areal_like.models import build_model
-
-        path = os.path.join(self.run_dir, "init_model")
-        if not os.path.exists(os.path.join(path, "config.json")):
-            build_model(cfg.build, path)
-            logger.info("built a new model from model.build into %s", path)
-        return path
-
-    def _make_trainers(self) -> list:
-        cfg = self.config
-        n = cfg.train.num_ranks
-        samples_per_rank = cfg.train.batch_groups * cfg.rollout.group_size // n
-        options = placement.trainer_options(cfg.placement, n)
-        master_addr, port = placement.rendezvous_address(options[0])
-        return [
-            ray.remote(TrainerRank)
-            .options(max_concurrency=1, **options[rank])
-            .remote(
-                cfg.train,
-                rank,
-                n,
-                master_addr,
-                port,
-                self.model_path,
-                samples_per_rank,
-                cfg.rollout.temperature,
-                cfg.run.seed,
-                max_new_tokens=cfg.rollout.max_new_tokens,
-            )
-            for rank in range(n)
-        ]
-
-    def _make_workers(self, version: int) -> list:
-        cfg = self.config
-        actor = ray.remote(RolloutWorker).options(
-            max_concurrency=4, **placement.rollout_options(cfg.placement)
-        )
-        seed = cfg.run.seed * 7919 + self.step * 104729
-        return [
-            actor.remote(
-                i,
-                cfg.rollout,
-                self.model_path,
-                self.prompts.reward_fn_path,
-                cfg.task.reward_timeout_s,
-                cfg.task.reward_workers,
-                self.dispatcher,
-                self.store,
-                seed + i,
-                version,
-            )
-            for i in range(cfg.rollout.num_workers)
-        ]
 
     def _wait(self, refs: list, role: str, what: str, timeout_s: float | None = None) -> list:
         """``ray.get`` with a deadline; on timeout the error names the actors that did not answer."""

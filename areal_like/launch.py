@@ -1,0 +1,77 @@
+"""Builders for the run's actors and model directory (what the controller starts before its loop)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from areal_like import placement
+from areal_like.config import Config, ModelConfig
+from rollout.worker import RolloutWorker
+from trainer.worker import TrainerRank
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_path(cfg: ModelConfig, run_dir: str) -> str:
+    """``model.path`` when given (a local HF dir), else a model built once into run_dir/init_model."""
+    if cfg.path is not None:
+        if not os.path.isdir(cfg.path):
+            raise FileNotFoundError(f"model.path={cfg.path!r} is not a directory (a local HF model dir)")
+        return os.path.abspath(cfg.path)
+    from areal_like.models import build_model
+
+    path = os.path.join(run_dir, "init_model")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        build_model(cfg.build, path)
+        logger.info("built a new model from model.build into %s", path)
+    return path
+
+
+def make_trainers(cfg: Config, model_path: str) -> list:
+    """``train.num_ranks`` DeepSpeed rank actors in one placement group, rendezvous on rank 0's node."""
+    n = cfg.train.num_ranks
+    samples_per_rank = cfg.train.batch_groups * cfg.rollout.group_size // n
+    options = placement.trainer_options(cfg.placement, n)
+    master_addr, port = placement.rendezvous_address(options[0])
+    return [
+        ray.remote(TrainerRank)
+        .options(max_concurrency=1, **options[rank])
+        .remote(
+            cfg.train,
+            rank,
+            n,
+            master_addr,
+            port,
+            model_path,
+            samples_per_rank,
+            cfg.rollout.temperature,
+            cfg.run.seed,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+        )
+        for rank in range(n)
+    ]
+
+
+def make_rollout_workers(
+    cfg: Config, model_path: str, reward_fn_path: str, dispatcher, store, seed: int
+) -> list:
+    """``rollout.num_workers`` threaded rollout actors (weights are pushed by the first sync)."""
+    actor = ray.remote(RolloutWorker).options(max_concurrency=4, **placement.rollout_options(cfg.placement))
+    return [
+        actor.remote(
+            i,
+            cfg.rollout,
+            model_path,
+            reward_fn_path,
+            cfg.task.reward_timeout_s,
+            cfg.task.reward_workers,
+            dispatcher,
+            store,
+            seed + i,
+            0,
+        )
+        for i in range(cfg.rollout.num_workers)
+    ]
