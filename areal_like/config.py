@@ -18,6 +18,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from areal_like.models import ModelBuildConfig
 from areal_like.placement import PlacementConfig
+from areal_like.realloc.config import ReallocConfig
 from datastore.config import DataStoreConfig
 from rollout.config import RolloutConfig
 from trainer.config import TrainConfig
@@ -159,6 +160,7 @@ class Config:
     datastore: DataStoreConfig = field(default_factory=DataStoreConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
+    realloc: ReallocConfig = field(default_factory=ReallocConfig)
 
     def __post_init__(self) -> None:
         samples = self.train.batch_groups * self.rollout.group_size

@@ -339,6 +339,29 @@ class RolloutWorker:
         self.engine.update_weights(weights, version, timeout_s=self.config.weight_update_timeout_s)
         return self.engine.version
 
+    def setup_realloc(
+        self, plan, config, master_addr: str, master_port: int, member: int, engine_rank: int
+    ) -> None:
+        """Join the weight-reallocation group; staging tensors are allocated once and reused."""
+        from areal_like.realloc.executor import ReallocExecutor
+        from areal_like.realloc.pack import allocate_staging
+
+        self.realloc = ReallocExecutor(plan, member, config, master_addr, master_port)
+        self.realloc_rank = engine_rank
+        self.staging = {engine_rank: allocate_staging(plan, engine_rank)}
+
+    def weights_digest(self) -> str:
+        """Digest of the engine's weights (compare with the trainer's ``weights_digest``)."""
+        from areal_like.digest import state_dict_digest
+
+        return state_dict_digest(self.engine.model.state_dict())
+
+    def receive_weights(self, version: int) -> int:
+        """Receive every bucket of ``version`` into the staging tensors, then swap them in at a token
+        boundary. A failed transfer raises before the engine is touched (it stays on the old version)."""
+        self.realloc.run(version, staging=self.staging)
+        return self.update_weights(self.staging[self.realloc_rank], version)
+
     def evaluate(self, records: list[PromptRecord], prompt_ids: list[list[int]]) -> EvalResult:
         """Greedy decoding on held-out prompts, scored with the training reward."""
         params = SamplingParams(

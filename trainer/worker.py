@@ -19,13 +19,11 @@ Collectives run over gloo on CPU and NCCL on GPU; every rank must receive the sa
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
 from itertools import chain
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -37,6 +35,7 @@ from areal_like.algorithms import (
     token_logprobs,
     token_logprobs_and_entropy,
 )
+from areal_like.digest import state_dict_digest  # noqa: F401 (re-exported for tests)
 from datastore.types import DataStoreSamplesLost
 from trainer.advantages import normalize_with, sequence_scores, token_advantages
 from trainer.batch import (
@@ -436,6 +435,18 @@ class TrainerRank:
                 return None
             return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
 
+    def setup_realloc(self, plan, config, master_addr: str, master_port: int) -> None:
+        """Join the weight-reallocation group as member ``rank`` (every engine joins at once)."""
+        from areal_like.realloc.executor import ReallocExecutor
+
+        self.realloc = ReallocExecutor(plan, self.rank, config, master_addr, master_port)
+
+    def send_weights(self, version: int):
+        """This rank's part of the reallocation plan for ``version`` (collective with the engines)."""
+        from areal_like.realloc.sources import flat_sources
+
+        return self.realloc.run(version, sources=flat_sources(self.engine.module, self.rank, self.world_size))
+
     def weights_digest(self) -> str | None:
         weights = self.export_weights()
         if weights is None:
@@ -463,12 +474,3 @@ class TrainerRank:
 
     def ping(self) -> int:
         return self.rank
-
-
-def state_dict_digest(weights: dict[str, torch.Tensor]) -> str:
-    """sha256 over names and bytes, order-independent of dict insertion."""
-    h = hashlib.sha256()
-    for name in sorted(weights):
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(weights[name].detach().cpu().float().numpy()).tobytes())
-    return h.hexdigest()

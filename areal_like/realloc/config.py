@@ -12,6 +12,9 @@ _PLACEMENTS = ("split", "colocated")
 class ReallocConfig:
     """How new weights travel from the trainer ranks to the engines after each train step."""
 
+    enabled: bool = False
+    """Sync weights after every step with the plan executor (bucketed, several senders, its own
+    process group). False: trainer rank 0's full state dict goes through the Ray object store."""
     backend: str = "gloo"
     """'gloo' (CPU tensors over TCP; the CPU machine and tests) or 'nccl' (GPU buffers)."""
     placement: str = "split"

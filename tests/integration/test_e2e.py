@@ -56,6 +56,7 @@ def test_a_short_async_run_trains_logs_and_respects_eta(tmp_path):
     run_dir = tmp_path / "run"
     summary = run_training(tiny_config(run_dir, "train.max_steps=4", "rollout.max_staleness=1"))
     assert summary.last_step == 4 and summary.version == 4
+    assert summary.engines_in_sync
     records = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for r in records:
@@ -192,3 +193,23 @@ def test_cli_refuses_a_malformed_prompt_file_naming_the_line(tmp_path):
     assert result.returncode == 2
     assert "prompts.jsonl" in result.stderr and "line 2" in result.stderr
     assert not run_dir.exists()  # nothing was started or written
+
+
+def test_weights_reach_the_engines_through_the_reallocation_plan(tmp_path):
+    run_dir = tmp_path / "realloc"
+    summary = run_training(
+        tiny_config(
+            run_dir,
+            "train.max_steps=3",
+            "train.zero_stage=3",
+            "realloc.enabled=true",
+            "realloc.bucket_mb=0.25",
+            "eval.enabled=false",
+            "run.plot=false",
+            "task.reward_fn=tests.unit.reward_fixtures:response_length",
+        )
+    )
+    assert summary.last_step == 3 and summary.version == 3
+    assert summary.final_weights_digest != summary.start_weights_digest  # training moved the weights
+    assert summary.engines_in_sync  # sha256 of the engine's weights == the trainer's after step 3
+    assert all(r["timing/weight_sync_s"] > 0 for r in read_jsonl(run_dir / "metrics.jsonl"))

@@ -64,3 +64,8 @@ def const_or_varied(response: str, answer: str) -> float:
     if answer == "const":
         return 1.0
     return float(sum(map(ord, response)) % 2)
+
+
+def response_length(response: str, answer: str) -> float:
+    """A reward that varies on any policy (random models included), so every step has a gradient."""
+    return float(len(response))
