@@ -47,6 +47,7 @@ from areal_like.metrics import (
 )
 from areal_like.prompts import PromptSets, load_prompt_records, tokenize_prompts
 from areal_like.staleness import min_allowed_version
+from areal_like.weight_sync import WeightSync
 from datastore import make_datastore
 from datastore.policies import split_for_ranks, split_imbalance
 from datastore.types import DataStoreSamplesLost, DataStoreTimeout, SampleMeta
@@ -118,7 +119,7 @@ class RLController:
                 self.maybe_periodic_eval()
             train_seconds = time.perf_counter() - started
             self.stop_rollouts()
-            self.engines_in_sync = self.engines_match_trainer()
+            self.engines_in_sync, self.final_digest = self.weights.engines_match_trainer()
             if self.stop_signal is not None:
                 self.maybe_checkpoint(force=True)
                 print(f"stopped by {self.stop_signal} after step {self.step}; checkpoint saved", flush=True)
@@ -201,8 +202,7 @@ class RLController:
             self.workers, self.dispatcher, cfg.rollout.health_timeout_s, cfg.rollout.min_active_workers
         )
         self._wait([t.ping.remote() for t in self.trainers], "trainer", "start")
-        if cfg.realloc.enabled:
-            self.setup_realloc()
+        self.weights = WeightSync(cfg, self.model_path, self.trainers, self.rollout, self._wait)
         print(
             placement.placement_report({"trainer": self.trainers, "rollout worker": self.workers}), flush=True
         )
@@ -304,57 +304,11 @@ class RLController:
         ray.get(self.dispatcher.on_trained.remote(list(dict.fromkeys(m.group_id for m in batch))))
         return stats, time.perf_counter() - start
 
-    def setup_realloc(self) -> None:
-        """Plan the per-step weight transfer (trainer layout -> HF engines) and form its group."""
-        from transformers import AutoConfig
-
-        from areal_like.realloc import Qwen2Dims, SourceLayout, hf_destination, make_plan
-
-        cfg = self.config
-        dims = Qwen2Dims.from_config(AutoConfig.from_pretrained(self.model_path, local_files_only=True))
-        n, m = len(self.trainers), len(self.workers)
-        plan = make_plan(
-            SourceLayout.for_zero_stage(dims.specs("float32"), n, cfg.train.zero_stage),
-            hf_destination(dims, "float32", m),
-            cfg.realloc.bucket_bytes,
-            checksum=cfg.realloc.checksum,
-        )
-        logger.info("weight reallocation plan:\n%s", plan.format())
-        host, port = ray.get(self.trainers[0].__ray_call__.remote(_free_port_here), timeout=120)
-        refs = [t.setup_realloc.remote(plan, cfg.realloc, host, port) for t in self.trainers]
-        refs += [
-            w.setup_realloc.remote(plan, cfg.realloc, host, port, n + i, i)
-            for i, w in enumerate(self.workers)
-        ]
-        self._wait(
-            refs, "realloc member", "join the weight group", timeout_s=cfg.realloc.connect_timeout_s + 30
-        )
-
     def sync_weights(self, version: int) -> float:
         """Trainer weights -> every engine as ``version``; the dispatcher advances only after all
         engines have loaded them, so no group is admitted against weights the engines lack."""
         start = time.perf_counter()
-        if self.config.realloc.enabled:
-            return self._sync_weights_by_plan(version, start)
-        refs = [t.export_weights.remote() for t in self.trainers]
-        self._wait(refs, "trainer", "export weights")
-        # Workers that die or time out here are taken out of rotation (their groups resubmitted).
-        self.rollout.update_weights(
-            refs[0], version, timeout_s=self.config.rollout.weight_update_timeout_s + 30
-        )
-        self.version = version
-        ray.get(self.dispatcher.set_version.remote(version))
-        return time.perf_counter() - start
-
-    def _sync_weights_by_plan(self, version: int, start: float) -> float:
-        # Every member takes part in every transfer: retiring a worker is not supported on this path.
-        refs = [t.send_weights.remote(version) for t in self.trainers]
-        refs += [w.receive_weights.remote(version) for w in self.workers]
-        timeout_s = self.config.realloc.timeout_s * 4 + self.config.rollout.weight_update_timeout_s
-        loaded = self._wait(refs, "realloc member", f"weights v{version}", timeout_s=timeout_s)[
-            len(self.trainers) :
-        ]
-        assert all(v == version for v in loaded), (loaded, version)
+        self.weights.push(version)
         self.version = version
         ray.get(self.dispatcher.set_version.remote(version))
         return time.perf_counter() - start
@@ -478,20 +432,6 @@ class RLController:
         )
         return accuracy
 
-    def engines_match_trainer(self) -> bool:
-        """True when every engine in rotation holds exactly the trainer's current weights."""
-        trainer = self.final_digest = next(
-            d
-            for d in self._wait([t.weights_digest.remote() for t in self.trainers], "trainer", "digest")
-            if d
-        )
-        engines = self._wait(
-            [w.weights_digest.remote() for w in self.rollout.active], "rollout worker", "digest"
-        )
-        if any(d != trainer for d in engines):
-            logger.error("engine weights differ from the trainer's after the last sync")
-        return all(d == trainer for d in engines)
-
     def stop_rollouts(self) -> None:
         self._wait([w.stop.remote() for w in self.rollout.active], "rollout worker", "stop")
 
@@ -567,15 +507,6 @@ class RLController:
     def _check_workers(self):
         """Health of the workers in rotation; ones that stopped answering are retired on the way."""
         return self.rollout.check()
-
-
-def _free_port_here(_actor) -> tuple[str, int]:
-    """(node IP, a free port) where the calling actor runs; the realloc group's store lives there."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return ray.util.get_node_ip_address(), sock.getsockname()[1]
 
 
 def run_training(config: Config) -> RunSummary:

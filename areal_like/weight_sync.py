@@ -1,0 +1,102 @@
+"""Trainer -> engines after every train step, and the check that they agree.
+
+Two paths behind one ``push(version)``:
+- object store (default): trainer rank 0 exports its full fp32 state dict once into Ray's object
+  store (a collective gather under ZeRO-3); every engine in rotation loads it at its next token
+  boundary. Workers that die or time out are retired by the rollout supervisor on the way.
+- reallocation plan (``realloc.enabled``): built once from the model config (trainer layout from
+  ``train.zero_stage`` / ``num_ranks`` -> HF engines); every step the trainer ranks send their parts
+  in buckets over the plan's own process group and each worker stages all of them before its engine
+  swaps. Every member takes part in every transfer, so a worker cannot be retired on this path.
+Either way ``push`` returns only when every engine reports the new version; the controller advances
+the dispatcher after that.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import ray
+
+from areal_like.config import Config
+
+logger = logging.getLogger(__name__)
+
+
+class WeightSync:
+    def __init__(self, config: Config, model_path: str, trainers: list, rollout, wait: Callable) -> None:
+        """``rollout`` is the RolloutSupervisor; ``wait(refs, role, what, timeout_s=None)`` the
+        controller's bounded ``ray.get`` that names late actors."""
+        self.config = config
+        self.trainers = trainers
+        self.rollout = rollout
+        self._wait = wait
+        self.members: list = []
+        if config.realloc.enabled:
+            self._join_plan(model_path)
+
+    def push(self, version: int) -> None:
+        if self.config.realloc.enabled:
+            self._push_by_plan(version)
+            return
+        refs = [t.export_weights.remote() for t in self.trainers]
+        self._wait(refs, "trainer", "export weights")
+        self.rollout.update_weights(
+            refs[0], version, timeout_s=self.config.rollout.weight_update_timeout_s + 30
+        )
+
+    def engines_match_trainer(self) -> tuple[bool, str]:
+        """(every engine in rotation holds exactly the trainer's weights, the trainer's sha256)."""
+        digests = self._wait([t.weights_digest.remote() for t in self.trainers], "trainer", "digest")
+        trainer = next(d for d in digests if d)
+        engines = self._wait(
+            [w.weights_digest.remote() for w in self.rollout.active], "rollout worker", "digest"
+        )
+        if any(d != trainer for d in engines):
+            logger.error("engine weights differ from the trainer's after the last sync")
+        return all(d == trainer for d in engines), trainer
+
+    def _join_plan(self, model_path: str) -> None:
+        from transformers import AutoConfig
+
+        from areal_like.realloc import Qwen2Dims, SourceLayout, hf_destination, make_plan
+
+        cfg = self.config
+        self.members = list(self.rollout.active)
+        dims = Qwen2Dims.from_config(AutoConfig.from_pretrained(model_path, local_files_only=True))
+        n = len(self.trainers)
+        plan = make_plan(
+            SourceLayout.for_zero_stage(dims.specs("float32"), n, cfg.train.zero_stage),
+            hf_destination(dims, "float32", len(self.members)),
+            cfg.realloc.bucket_bytes,
+            checksum=cfg.realloc.checksum,
+        )
+        logger.info("weight reallocation plan:\n%s", plan.format())
+        host, port = ray.get(self.trainers[0].__ray_call__.remote(_free_port_here), timeout=120)
+        refs = [t.setup_realloc.remote(plan, cfg.realloc, host, port) for t in self.trainers]
+        refs += [
+            w.setup_realloc.remote(plan, cfg.realloc, host, port, n + i, i)
+            for i, w in enumerate(self.members)
+        ]
+        self._wait(
+            refs, "realloc member", "join the weight group", timeout_s=cfg.realloc.connect_timeout_s + 30
+        )
+
+    def _push_by_plan(self, version: int) -> None:
+        refs = [t.send_weights.remote(version) for t in self.trainers]
+        refs += [w.receive_weights.remote(version) for w in self.members]
+        timeout_s = self.config.realloc.timeout_s * 4 + self.config.rollout.weight_update_timeout_s
+        loaded = self._wait(refs, "realloc member", f"weights v{version}", timeout_s=timeout_s)[
+            len(self.trainers) :
+        ]
+        assert all(v == version for v in loaded), (loaded, version)
+
+
+def _free_port_here(_actor) -> tuple[str, int]:
+    """(node IP, a free port) where the calling actor runs; the plan group's store lives there."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return ray.util.get_node_ip_address(), sock.getsockname()[1]
