@@ -22,6 +22,7 @@ Actors and dataflow (all Ray, every actor asks for 0 CPUs so a 2-core machine ne
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -190,16 +191,32 @@ class RLController:
         # A resumed run samples from a fresh stream: the seed moves with the checkpoint's step.
         latest = ckpt.latest_checkpoint(self.run_dir) if cfg.run.resume else None
         resume_step = ckpt.read_state(latest).step if latest else 0
-        self.workers = launch.make_rollout_workers(
-            cfg,
-            self.model_path,
-            self.prompts.reward_fn_path,
-            self.dispatcher,
-            self.store,
-            seed=cfg.run.seed * 7919 + resume_step * 104729,
-        )
+
+        incarnations = itertools.count()
+
+        def make_worker(worker_id: int):
+            # a replacement (restart) samples from a fresh stream
+            seed = cfg.run.seed * 7919 + resume_step * 104729 + next(incarnations) * 1_000_003
+            return launch.make_rollout_worker(
+                cfg,
+                self.model_path,
+                self.prompts.reward_fn_path,
+                self.dispatcher,
+                self.store,
+                seed,
+                worker_id,
+            )
+
+        self.workers = [make_worker(i) for i in range(cfg.rollout.num_workers)]
+        # The plan path needs a fixed membership: workers are not replaced there.
+        restarts = 0 if cfg.realloc.enabled else cfg.rollout.max_restarts
         self.rollout = RolloutSupervisor(
-            self.workers, self.dispatcher, cfg.rollout.health_timeout_s, cfg.rollout.min_active_workers
+            self.workers,
+            self.dispatcher,
+            cfg.rollout.health_timeout_s,
+            cfg.rollout.min_active_workers,
+            make_worker=make_worker,
+            max_restarts=restarts,
         )
         self._wait([t.ping.remote() for t in self.trainers], "trainer", "start")
         self.weights = WeightSync(cfg, self.model_path, self.trainers, self.rollout, self._wait)

@@ -55,23 +55,20 @@ def make_trainers(cfg: Config, model_path: str) -> list:
     ]
 
 
-def make_rollout_workers(
-    cfg: Config, model_path: str, reward_fn_path: str, dispatcher, store, seed: int
-) -> list:
-    """``rollout.num_workers`` threaded rollout actors (weights are pushed by the first sync)."""
+def make_rollout_worker(
+    cfg: Config, model_path: str, reward_fn_path: str, dispatcher, store, seed: int, worker_id: int
+):
+    """One threaded rollout actor (its weights are pushed by the next sync or by the supervisor)."""
     actor = ray.remote(RolloutWorker).options(max_concurrency=4, **placement.rollout_options(cfg.placement))
-    return [
-        actor.remote(
-            i,
-            cfg.rollout,
-            model_path,
-            reward_fn_path,
-            cfg.task.reward_timeout_s,
-            cfg.task.reward_workers,
-            dispatcher,
-            store,
-            seed + i,
-            0,
-        )
-        for i in range(cfg.rollout.num_workers)
-    ]
+    return actor.remote(
+        worker_id,
+        cfg.rollout,
+        model_path,
+        reward_fn_path,
+        cfg.task.reward_timeout_s,
+        cfg.task.reward_workers,
+        dispatcher,
+        store,
+        seed + worker_id,
+        0,
+    )

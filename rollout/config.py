@@ -34,6 +34,9 @@ class RolloutConfig:
     of rotation; its groups are requeued for the other workers."""
     health_timeout_s: float = 60.0
     """A worker that does not answer a health check this long is taken out of rotation (killed)."""
+    max_restarts: int = 3
+    """How many times a retired worker (dead or silent) is replaced by a fresh actor, re-synced to the
+    current weights and put back into rotation; 0 = never (the fleet only shrinks)."""
     min_active_workers: int = 1
     """The run stops, naming every failure, when fewer rollout workers than this are in rotation."""
     max_new_tokens: int = 8

@@ -22,7 +22,10 @@ What pulling alone does not give is failure handling; ``RolloutSupervisor`` adds
   ``acquire`` call and drops them only after ``finish``, so no answering worker's group is in that
   difference; a group finished in between is in it, but ``abandon`` ignores finished ids. A killed
   worker is waited for until its actor is gone before its groups are handed back.
-- Counted: ``engines_retired_total`` and ``groups_resubmitted_total`` (``metrics()``, ``rollout/``).
+- Restart: given ``make_worker``, a retired worker is replaced by a fresh actor (up to
+  ``max_restarts``), which loads the last weights sent and starts its loop before it rejoins; the
+  dead one was killed first, so it never writes again.
+- Counted: ``engines_retired_total``, ``engines_restarted_total`` and ``groups_resubmitted_total``.
 - Fewer than ``min_active`` workers left: ``check`` raises, naming every retirement and its reason.
 Blocking: ``check`` waits at most ``health_timeout_s`` plus one dispatcher call; nothing runs in the
 background. Shutdown is the controller's (it still kills every actor it made).
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 _RPC_TIMEOUT_S = 60.0
 """Deadline of a call to the dispatcher."""
+_RESTART_TIMEOUT_S = 600.0
+"""Deadline for a replacement worker to load its model and the current weights."""
 
 
 @dataclass(frozen=True)
@@ -58,8 +64,16 @@ class RolloutSupervisor:
     """The controller's view of the rollout workers: who is in rotation, and failure handling."""
 
     def __init__(
-        self, workers: list[Any], dispatcher: Any, health_timeout_s: float = 60.0, min_active: int = 1
+        self,
+        workers: list[Any],
+        dispatcher: Any,
+        health_timeout_s: float = 60.0,
+        min_active: int = 1,
+        make_worker: Callable[[int], Any] | None = None,
+        max_restarts: int = 0,
     ) -> None:
+        """``make_worker(worker_id)`` builds a replacement actor; with it, up to ``max_restarts``
+        retired workers are replaced, synced to the last weights and started before rejoining."""
         if not workers:
             raise ValueError("RolloutSupervisor: no rollout workers")
         if not 1 <= min_active <= len(workers):
@@ -73,6 +87,11 @@ class RolloutSupervisor:
         """Groups the supervisor found orphaned by retired workers and handed back to the dispatcher
         (a worker that retires itself hands its own back first; those count in its health)."""
         self._last_health: dict[int, WorkerHealth] = {}
+        self._retired_health: list[WorkerHealth] = []
+        self._make_worker = make_worker
+        self._max_restarts = max_restarts
+        self.restarts_total = 0
+        self._weights: tuple[Any, int] | None = None  # the last (weights ref, version) sent
 
     @property
     def active(self) -> list[Any]:
@@ -85,7 +104,7 @@ class RolloutSupervisor:
 
     def all_health(self) -> list[WorkerHealth]:
         """Last health of every worker ever in rotation (retired ones included), for run totals."""
-        return [self._last_health[wid] for wid in sorted(self._last_health)]
+        return [*self._retired_health, *(self._last_health[wid] for wid in sorted(self._last_health))]
 
     def check(self) -> list[WorkerHealth]:
         """Poll the workers in rotation, retire the ones that stopped answering; health of the rest."""
@@ -122,6 +141,7 @@ class RolloutSupervisor:
 
         Raises when a worker answers with another version (a bug) or rejects the weights.
         """
+        self._weights = (weights_ref, version)  # a replacement made from here on gets these
         refs = {
             wid: worker.update_weights.remote(weights_ref, version) for wid, worker in self._active.items()
         }
@@ -147,6 +167,7 @@ class RolloutSupervisor:
             "rollout/engines_active": float(len(self._active)),
             "rollout/engines_retired_total": float(len(self.retired)),
             "rollout/groups_resubmitted_total": float(self.groups_resubmitted_total),
+            "rollout/engines_restarted_total": float(self.restarts_total),
         }
 
     # ---- internals ---------------------------------------------------------------------------------
@@ -160,6 +181,8 @@ class RolloutSupervisor:
             if not reason.startswith("retired itself"):
                 _kill_and_wait(handle)  # a worker that stopped answering may wake up; it must not write
             logger.error("rollout worker %d taken out of rotation: %s", wid, reason)
+            if wid in self._last_health:
+                self._retired_health.append(self._last_health.pop(wid))
         if orphans is None:  # the caller does not know the live set: compute it now
             orphans = self._orphans_now()
         if orphans:
@@ -167,12 +190,32 @@ class RolloutSupervisor:
             logger.warning("resubmitted %d prompt groups held by retired workers", len(orphans))
             self.groups_resubmitted_total += len(orphans)
         self.retired.extend(RetiredWorker(wid, reason) for wid, reason in failures.items())
+        for wid in failures:
+            if self._make_worker is not None and self.restarts_total < self._max_restarts:
+                self._replace(wid)
         if len(self._active) < self._min_active:
             history = "; ".join(f"worker {r.worker_id}: {r.reason}" for r in self.retired)
             raise RuntimeError(
                 f"only {len(self._active)} rollout worker(s) left in rotation, fewer than "
                 f"rollout.min_active_workers={self._min_active}; retired: {history}"
             )
+
+    def _replace(self, wid: int) -> None:
+        """A fresh actor for worker ``wid``: synced to the last weights, started, back in rotation."""
+        handle = self._make_worker(wid)
+        if self._weights is not None:
+            ref, version = self._weights
+            loaded = ray.get(handle.update_weights.remote(ref, version), timeout=_RESTART_TIMEOUT_S)
+            assert loaded == version, (loaded, version)
+        ray.get(handle.start.remote(), timeout=_RESTART_TIMEOUT_S)
+        self._active[wid] = handle
+        self.restarts_total += 1
+        logger.warning(
+            "rollout worker %d restarted and back in rotation (restart %d of %d)",
+            wid,
+            self.restarts_total,
+            self._max_restarts,
+        )
 
     def _orphans_now(self) -> list[int]:
         in_flight_before = self._dispatcher_in_flight()

@@ -1,0 +1,66 @@
+"""A rollout worker killed mid-run is replaced, re-synced and put back; the run finishes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.integration.test_e2e import ROOT, TINY, read_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every process below ``pid`` (the run's own Ray workers only)."""
+    rows = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    children: dict[int, list[tuple[int, str]]] = {}
+    for row in rows.splitlines():
+        parts = row.split(None, 2)
+        if len(parts) == 3:
+            children.setdefault(int(parts[1]), []).append((int(parts[0]), parts[2]))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child[0])
+    return found
+
+
+def test_a_killed_rollout_worker_is_restarted_and_the_run_finishes(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "areal_like.cli",
+        "train",
+        "--config",
+        "configs/quickstart.yaml",
+        *TINY,
+        f"run.dir={run_dir}",
+        "train.max_steps=8",
+        "eval.enabled=false",
+        "run.plot=false",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(read_jsonl(metrics)) >= 2:
+            break
+        time.sleep(0.2)
+    workers = [pid for pid, args in descendants(proc.pid) if args.startswith("ray::RolloutWorker")]
+    assert proc.poll() is None and len(workers) == 1, workers
+    os.kill(workers[0], signal.SIGKILL)
+
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    records = read_jsonl(metrics)
+    assert [r["step"] for r in records] == list(range(1, 9))  # the run went on to the end
+    assert records[-1]["rollout/engines_restarted_total"] >= 1
+    assert records[-1]["rollout/engines_active"] == 1  # back in rotation
+    assert "restarted and back in rotation" in output
