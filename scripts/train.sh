@@ -7,6 +7,7 @@ set -uo pipefail
 if [ $# -lt 1 ]; then echo "usage: bash scripts/train.sh CONFIG.yaml [key=value ...]" >&2; exit 2; fi
 root=$(cd "$(dirname "$0")/.." && pwd)
 source "$root/scripts/setup_venv.sh" || exit 1
+set +e  # setup_venv.sh turns on errexit; a failed run must reach the retry logic below
 max_restarts=${AREAL_LIKE_MAX_RESTARTS:-3}
 attempt=0
 while true; do

@@ -64,3 +64,28 @@ def test_a_killed_rollout_worker_is_restarted_and_the_run_finishes(tmp_path):
     assert records[-1]["rollout/engines_restarted_total"] >= 1
     assert records[-1]["rollout/engines_active"] == 1  # back in rotation
     assert "restarted and back in rotation" in output
+
+
+def test_the_launcher_resumes_a_failed_run_a_bounded_number_of_times(tmp_path):
+    env = {**os.environ, "AREAL_LIKE_MAX_RESTARTS": "1"}
+    failing = [
+        "bash",
+        "scripts/train.sh",
+        "configs/quickstart.yaml",
+        f"run.dir={tmp_path / 'a'}",
+        "run.actor_timeout_s=0.001",
+    ]  # every attempt times out waiting for the trainer
+    result = subprocess.run(failing, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    assert "resuming from the latest checkpoint (restart 1/1)" in result.stderr
+    assert "after 1 restarts; giving up" in result.stderr
+
+    bad_config = [
+        "bash",
+        "scripts/train.sh",
+        "configs/quickstart.yaml",
+        f"run.dir={tmp_path / 'b'}",
+        "rollout.max_staleness=-1",
+    ]
+    result = subprocess.run(bad_config, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "restart" not in result.stderr  # config errors are not retried
