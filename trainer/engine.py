@@ -170,12 +170,43 @@ def make_engine(model, spec: EngineSpec, world_size: int, with_optimizer: bool =
     return engine
 
 
+STALE_BUILD_LOCK_S = 600.0
+"""A DeepSpeed JIT-build lock older than this is left over from a killed build (a real one takes ~1 min)."""
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[str]:
+    """Remove JIT-build locks of DeepSpeed ops that a killed build left behind.
+
+    torch's extension builder waits, silently and forever, while its ``lock`` file exists; a process
+    killed mid-build leaves it, and every later DeepSpeed start on the machine then hangs.
+    """
+    import glob
+    import os
+    import time
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "torch_extensions"
+    )
+    removed = []
+    for lock in glob.glob(os.path.join(root, "**", "deepspeed_*", "lock"), recursive=True):
+        age = time.time() - os.path.getmtime(lock)
+        if age > max_age_s:
+            logger.warning(
+                "removing a stale DeepSpeed build lock %s (%.0f s old, left by a killed build)", lock, age
+            )
+            os.remove(lock)
+            removed.append(lock)
+    return removed
+
+
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, timeout_s: float):
     """Join the trainer process group (NCCL on GPU, gloo on CPU) through DeepSpeed."""
     import datetime
     import os
 
     import deepspeed
+
+    clear_stale_build_locks()
 
     os.environ.update(
         MASTER_ADDR=master_addr,

@@ -57,3 +57,21 @@ def test_bad_values_name_the_field_and_the_value(override, message):
 def test_loglinear_prox_needs_the_decoupled_loss():
     with pytest.raises(ValueError, match="use_decoupled_loss"):
         TrainConfig(prox_logp="loglinear", use_decoupled_loss=False)
+
+
+def test_stale_deepspeed_build_locks_are_removed_and_fresh_ones_kept(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from trainer.engine import clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    fresh = tmp_path / "py311_cpu" / "deepspeed_other" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.write_text("")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    assert clear_stale_build_locks(max_age_s=600) == [str(stale)]
+    assert not stale.exists() and fresh.exists()  # a build may be running: leave it
