@@ -59,7 +59,9 @@ def make_rollout_worker(
     cfg: Config, model_path: str, reward_fn_path: str, dispatcher, store, seed: int, worker_id: int
 ):
     """One threaded rollout actor (its weights are pushed by the next sync or by the supervisor)."""
-    actor = ray.remote(RolloutWorker).options(max_concurrency=4, **placement.rollout_options(cfg.placement))
+    actor = ray.remote(RolloutWorker).options(
+        max_concurrency=4, **placement.rollout_options(cfg.placement, worker_id)
+    )
     return actor.remote(
         worker_id,
         cfg.rollout,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import ray
 from ray.util.placement_group import placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class PlacementConfig:
     """How actors spread over the nodes of the Ray cluster."""
 
     rollout: str = "spread"
-    """Rollout workers: 'spread' over nodes (Ray SPREAD) or 'default' (Ray's packing scheduler)."""
+    """Rollout workers: 'spread' (worker i on alive node i mod N) or 'default' (Ray's scheduler)."""
     trainer: str = "pack"
     """Trainer ranks, in one placement group: 'pack' (same node when they fit), 'spread' (over
     nodes when possible) or 'strict_spread' (one rank per node, fails if there are too few nodes)."""
@@ -64,8 +64,14 @@ def trainer_options(config: PlacementConfig, num_ranks: int) -> list[dict]:
     ]
 
 
-def rollout_options(config: PlacementConfig) -> dict:
-    return {"num_cpus": 0, "scheduling_strategy": "SPREAD" if config.rollout == "spread" else "DEFAULT"}
+def rollout_options(config: PlacementConfig, worker_index: int = 0) -> dict:
+    """'spread': worker i pinned to alive node i mod N (sorted by id). Ray's own SPREAD is best
+    effort and, for 0-CPU actors on a busy cluster, can put every worker on one node."""
+    if config.rollout != "spread":
+        return {"num_cpus": 0, "scheduling_strategy": "DEFAULT"}
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+    node = nodes[worker_index % len(nodes)]
+    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=False)}
 
 
 def node_of(actor) -> str:
