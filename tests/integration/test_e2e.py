@@ -35,6 +35,19 @@ TINY = [
 ]
 
 
+def cli_train(*overrides) -> list[str]:
+    """The `areal-like train` command line on the quickstart recipe, run as a subprocess."""
+    return [
+        sys.executable,
+        "-m",
+        "areal_like.cli",
+        "train",
+        "--config",
+        "configs/quickstart.yaml",
+        *overrides,
+    ]
+
+
 def tiny_config(run_dir, *extra):
     return load_config(
         os.path.join(ROOT, "configs", "quickstart.yaml"), [*TINY, f"run.dir={run_dir}", *extra]
@@ -175,16 +188,7 @@ def test_cli_refuses_a_malformed_prompt_file_naming_the_line(tmp_path):
     bad.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=" "answer": "4"}\n')
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "areal_like.cli",
-            "train",
-            "--config",
-            "configs/quickstart.yaml",
-            f"run.dir={run_dir}",
-            f"task.train_path={bad}",
-        ],
+        cli_train(f"run.dir={run_dir}", f"task.train_path={bad}"),
         cwd=ROOT,
         capture_output=True,
         text=True,

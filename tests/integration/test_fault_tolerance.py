@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.integration.test_e2e import ROOT, TINY, read_jsonl
+from tests.integration.test_e2e import ROOT, TINY, cli_train, read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -33,19 +32,13 @@ def descendants(pid: int) -> list[tuple[int, str]]:
 
 def test_a_killed_rollout_worker_is_restarted_and_the_run_finishes(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "areal_like.cli",
-        "train",
-        "--config",
-        "configs/quickstart.yaml",
+    cmd = cli_train(
         *TINY,
         f"run.dir={run_dir}",
         "train.max_steps=8",
         "eval.enabled=false",
         "run.plot=false",
-    ]
+    )
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 300

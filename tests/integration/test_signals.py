@@ -7,12 +7,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.integration.test_e2e import ROOT, TINY, read_jsonl
+from tests.integration.test_e2e import ROOT, TINY, cli_train, read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -23,20 +22,14 @@ def raylet_count() -> int:
 
 
 def train_command(run_dir, max_steps):
-    return [
-        sys.executable,
-        "-m",
-        "areal_like.cli",
-        "train",
-        "--config",
-        "configs/quickstart.yaml",
+    return cli_train(
         *TINY,
         f"run.dir={run_dir}",
         f"train.max_steps={max_steps}",
         "run.checkpoint_every=1000",
         "eval.enabled=false",
         "run.plot=false",
-    ]
+    )
 
 
 def test_sigterm_checkpoints_and_the_run_resumes_without_gaps(tmp_path):
