@@ -175,11 +175,36 @@ class Config:
                 "batch "
                 "(train.batch_groups * rollout.group_size)"
             )
+        self._check_devices()
         if self.train.reward.overlong_tokens >= self.rollout.max_new_tokens:
             raise ValueError(
                 f"train.reward.overlong_tokens={self.train.reward.overlong_tokens} must be below "
                 f"rollout.max_new_tokens={self.rollout.max_new_tokens}"
             )
+
+    def _check_devices(self) -> None:
+        devices, engine = self.placement.devices, self.rollout.engine
+        if engine == "vllm" and devices == "cpu":
+            raise ValueError(
+                "rollout.engine='vllm' needs GPUs: set placement.devices='split' (engines and trainer on "
+                "different GPUs) or 'colocated' (they share them)"
+            )
+        if devices == "colocated":
+            if engine != "vllm":
+                raise ValueError("placement.devices='colocated' needs rollout.engine='vllm' (it sleeps)")
+            if self.rollout.num_workers != self.train.num_ranks:
+                raise ValueError(
+                    f"placement.devices='colocated': rollout.num_workers={self.rollout.num_workers} must "
+                    f"equal train.num_ranks={self.train.num_ranks} (one engine per trainer GPU)"
+                )
+        wrong_path = self.realloc.backend != "nccl" or self.realloc.placement != devices
+        if self.realloc.enabled and devices != "cpu" and wrong_path:
+            raise ValueError(
+                f"realloc.enabled with placement.devices={devices!r} needs realloc.backend='nccl' and "
+                f"realloc.placement={devices!r} (got {self.realloc.backend!r}, {self.realloc.placement!r})"
+            )
+        if self.realloc.enabled and devices == "cpu" and self.realloc.placement == "colocated":
+            raise ValueError("realloc.placement='colocated' needs GPUs: set placement.devices='colocated'")
 
     @property
     def max_concurrent_groups(self) -> int:

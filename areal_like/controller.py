@@ -187,7 +187,8 @@ class RLController:
                 cfg.run.seed,
             )
         )
-        self.trainers = launch.make_trainers(cfg, self.model_path)
+        self.trainer_opts = placement.trainer_options(cfg.placement, cfg.train.num_ranks)
+        self.trainers = launch.make_trainers(cfg, self.model_path, self.trainer_opts)
         # A resumed run samples from a fresh stream: the seed moves with the checkpoint's step.
         latest = ckpt.latest_checkpoint(self.run_dir) if cfg.run.resume else None
         resume_step = ckpt.read_state(latest).step if latest else 0
@@ -205,8 +206,12 @@ class RLController:
                 self.store,
                 seed,
                 worker_id,
+                self.trainer_opts,
             )
 
+        if cfg.placement.devices == "colocated":
+            # vLLM sizes its KV cache from the GPU memory free at start: let the trainer settle first.
+            self._wait([t.ping.remote() for t in self.trainers], "trainer", "start")
         self.workers = [make_worker(i) for i in range(cfg.rollout.num_workers)]
         # The plan path needs a fixed membership: workers are not replaced there.
         restarts = 0 if cfg.realloc.enabled else cfg.rollout.max_restarts
@@ -303,6 +308,9 @@ class RLController:
         start = time.perf_counter()
         shards = split_for_ranks(batch, len(self.trainers))
         self.split_imbalance = split_imbalance(shards)
+        colocated = self.config.placement.devices == "colocated"
+        if colocated:  # the engines give the GPUs to the trainer ranks for the step
+            self._on_workers("sleep")
         try:
             stats = self._wait(
                 [
@@ -317,6 +325,9 @@ class RLController:
             self.store.release([m.sample_id for m in batch])
             ray.get(self.dispatcher.on_lost.remote(self.store.drain_lost()))
             return None, time.perf_counter() - start
+        finally:
+            if colocated:  # back on the GPUs, paused until the new weights are loaded
+                self._on_workers("wake")
         self.store.release([m.sample_id for m in batch])
         ray.get(self.dispatcher.on_trained.remote(list(dict.fromkeys(m.group_id for m in batch))))
         return stats, time.perf_counter() - start
@@ -326,6 +337,8 @@ class RLController:
         engines have loaded them, so no group is admitted against weights the engines lack."""
         start = time.perf_counter()
         self.weights.push(version)
+        if self.config.placement.devices == "colocated":
+            self._on_workers("resume")
         self.version = version
         ray.get(self.dispatcher.set_version.remote(version))
         return time.perf_counter() - start
@@ -520,6 +533,10 @@ class RLController:
                 "(raise run.actor_timeout_s if this is expected; otherwise that actor is stuck or dead)"
             )
         return ray.get(refs)
+
+    def _on_workers(self, method: str) -> None:
+        """Call ``method`` on every rollout worker in rotation and wait (colocated turn-taking)."""
+        self._wait([getattr(w, method).remote() for w in self.rollout.active], "rollout worker", method)
 
     def _check_workers(self):
         """Health of the workers in rotation; ones that stopped answering are retired on the way."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -30,11 +31,11 @@ def resolve_model_path(cfg: ModelConfig, run_dir: str) -> str:
     return path
 
 
-def make_trainers(cfg: Config, model_path: str) -> list:
-    """``train.num_ranks`` DeepSpeed rank actors in one placement group, rendezvous on rank 0's node."""
+def make_trainers(cfg: Config, model_path: str, options: list[dict]) -> list:
+    """``train.num_ranks`` DeepSpeed rank actors, rank i with ``options[i]`` (its bundle of the
+    trainer placement group, ``placement.trainer_options``), rendezvous on rank 0's node."""
     n = cfg.train.num_ranks
     samples_per_rank = cfg.train.batch_groups * cfg.rollout.group_size // n
-    options = placement.trainer_options(cfg.placement, n)
     master_addr, port = placement.rendezvous_address(options[0])
     return [
         ray.remote(TrainerRank)
@@ -56,15 +57,29 @@ def make_trainers(cfg: Config, model_path: str) -> list:
 
 
 def make_rollout_worker(
-    cfg: Config, model_path: str, reward_fn_path: str, dispatcher, store, seed: int, worker_id: int
+    cfg: Config,
+    model_path: str,
+    reward_fn_path: str,
+    dispatcher,
+    store,
+    seed: int,
+    worker_id: int,
+    trainer_opts: list[dict] | None = None,
 ):
-    """One threaded rollout actor (its weights are pushed by the next sync or by the supervisor)."""
+    """One threaded rollout actor (its weights are pushed by the next sync or by the supervisor).
+    ``trainer_opts``: the trainer ranks' options, to share their GPUs under colocated placement."""
     actor = ray.remote(RolloutWorker).options(
-        max_concurrency=4, **placement.rollout_options(cfg.placement, worker_id)
+        max_concurrency=4, **placement.rollout_options(cfg.placement, worker_id, trainer_opts)
     )
+    rollout_cfg = cfg.rollout
+    if cfg.placement.devices == "colocated" and not rollout_cfg.vllm.enable_sleep_mode:
+        # Colocated engines free the GPU while the trainer steps: vLLM must allocate for sleeping.
+        rollout_cfg = dataclasses.replace(
+            rollout_cfg, vllm=dataclasses.replace(rollout_cfg.vllm, enable_sleep_mode=True)
+        )
     return actor.remote(
         worker_id,
-        cfg.rollout,
+        rollout_cfg,
         model_path,
         reward_fn_path,
         cfg.task.reward_timeout_s,

@@ -10,6 +10,11 @@ Two paths behind one ``push(version)``:
   swaps. Every member takes part in every transfer, so a worker cannot be retired on this path.
 Either way ``push`` returns only when every engine reports the new version; the controller advances
 the dispatcher after that.
+vLLM engines (``rollout.engine: vllm``) take the same two paths: the object-store weights reach the
+engine core over CUDA IPC; the plan targets vLLM's own fused parameters (``vllm_destination``) in
+the engine's dtype. Split placement: the engine cores are plan members on NCCL. Colocated placement:
+each engine allocates a staging arena that its GPU's trainer rank maps over CUDA IPC and writes into
+(``realloc/ipc.py``); the engines then load it (``load_staged``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class WeightSync:
         self.rollout = rollout
         self._wait = wait
         self.members: list = []
+        self.colocated = False
         if config.realloc.enabled:
             self._join_plan(model_path)
 
@@ -60,36 +66,55 @@ class WeightSync:
     def _join_plan(self, model_path: str) -> None:
         from transformers import AutoConfig
 
-        from areal_like.realloc import Qwen2Dims, SourceLayout, hf_destination, make_plan
+        from areal_like.realloc import Qwen2Dims, SourceLayout, hf_destination, make_plan, vllm_destination
+        from areal_like.realloc.ipc import colocated_hosts
 
         cfg = self.config
         self.members = list(self.rollout.active)
+        self.colocated = cfg.placement.devices == "colocated"
         dims = Qwen2Dims.from_config(AutoConfig.from_pretrained(model_path, local_files_only=True))
-        n = len(self.trainers)
+        n, m = len(self.trainers), len(self.members)
+        if cfg.rollout.engine == "vllm":
+            dtype = cfg.rollout.vllm.dtype
+            dest = vllm_destination(dims, dtype, m, 1)
+        else:
+            dtype = "float32"
+            dest = hf_destination(dims, dtype, m)
         plan = make_plan(
-            SourceLayout.for_zero_stage(dims.specs("float32"), n, cfg.train.zero_stage),
-            hf_destination(dims, "float32", len(self.members)),
+            SourceLayout.for_zero_stage(dims.specs(dtype), n, cfg.train.zero_stage),
+            dest,
             cfg.realloc.bucket_bytes,
+            hosts=colocated_hosts(n, m) if self.colocated else None,
             checksum=cfg.realloc.checksum,
         )
         logger.info("weight reallocation plan:\n%s", plan.format())
         host, port = ray.get(self.trainers[0].__ray_call__.remote(_free_port_here), timeout=120)
-        refs = [t.setup_realloc.remote(plan, cfg.realloc, host, port) for t in self.trainers]
-        refs += [
-            w.setup_realloc.remote(plan, cfg.realloc, host, port, n + i, i)
-            for i, w in enumerate(self.members)
-        ]
+        if self.colocated:
+            handles = self._wait(
+                [w.make_arena.remote(plan, i) for i, w in enumerate(self.members)], "rollout worker", "arena"
+            )
+            refs = [t.setup_realloc.remote(plan, cfg.realloc, host, port, handles) for t in self.trainers]
+        else:
+            refs = [t.setup_realloc.remote(plan, cfg.realloc, host, port) for t in self.trainers]
+            refs += [
+                w.setup_realloc.remote(plan, cfg.realloc, host, port, n + i, i)
+                for i, w in enumerate(self.members)
+            ]
         self._wait(
             refs, "realloc member", "join the weight group", timeout_s=cfg.realloc.connect_timeout_s + 30
         )
 
     def _push_by_plan(self, version: int) -> None:
-        refs = [t.send_weights.remote(version) for t in self.trainers]
-        refs += [w.receive_weights.remote(version) for w in self.members]
         timeout_s = self.config.realloc.timeout_s * 4 + self.config.rollout.weight_update_timeout_s
-        loaded = self._wait(refs, "realloc member", f"weights v{version}", timeout_s=timeout_s)[
-            len(self.trainers) :
+        refs = [t.send_weights.remote(version) for t in self.trainers]
+        if self.colocated:  # trainer ranks write into the arenas; then every engine loads its own
+            self._wait(refs, "trainer", f"weights v{version} into the arenas", timeout_s=timeout_s)
+            refs = []
+        refs += [
+            (w.load_staged if self.colocated else w.receive_weights).remote(version) for w in self.members
         ]
+        loaded = self._wait(refs, "realloc member", f"weights v{version}", timeout_s=timeout_s)
+        loaded = loaded[-len(self.members) :]
         assert all(v == version for v in loaded), (loaded, version)
 
 

@@ -11,8 +11,11 @@ continue from their partial output under the new version, their prefix re-encode
 ``pause``/``resume`` hold and restart decoding at a token boundary; ``abort`` ends requests early
 with finish_reason 'abort' and their partial output.
 
-Implementations: ``HFEngine`` (transformers, CPU and tests; ``rollout/hf_engine.py``). A vLLM
-engine for GPUs implements the same Protocol. ``make_engine`` builds one from an ``EngineConfig``.
+Implementations: ``HFEngine`` (transformers, CPU and tests; ``rollout/hf_engine.py``) and
+``VLLMEngine`` (vLLM's AsyncLLM on a GPU; ``rollout/vllm_engine.py``). ``make_engine`` builds one from
+an ``EngineConfig``. Both also answer ``weights_digest()`` (sha256 of their weights as HF-named fp32
+tensors, comparable with the trainer's); the reallocation-plan and colocated weight paths are
+engine-specific and called by the rollout worker.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
     from areal_like.types import GenerationOutput
+    from rollout.config import VLLMConfig
 
 
 @dataclass(frozen=True)
@@ -244,13 +248,15 @@ class EngineConfig:
     """Which generation engine a rollout worker builds, and its knobs."""
 
     type: str = "hf"
-    """Engine backend. Known: 'hf' (transformers on CPU, the default and the test engine)."""
+    """Engine backend: 'hf' (transformers on CPU, the default and the test engine) or 'vllm' (GPU)."""
     model_path: str = ""
     """Local directory of a transformers checkpoint (config + weights); no hub downloads."""
     max_batch_size: int = 512
     """Most requests decoded together; more wait in the queue and join as running ones finish."""
     seed: int = 0
     """Seed of the engine's sampling generator; engines of one run should get different seeds."""
+    vllm: VLLMConfig | None = None
+    """vLLM settings (type 'vllm'); None = the defaults."""
 
     def __post_init__(self) -> None:
         if self.type not in _ENGINE_TYPES:
@@ -264,7 +270,7 @@ class EngineConfig:
             )
 
 
-_ENGINE_TYPES = frozenset({"hf"})
+_ENGINE_TYPES = frozenset({"hf", "vllm"})
 
 
 def make_engine(
@@ -287,6 +293,20 @@ def make_engine(
             )
         return HFEngine(
             model if model is not None else config.model_path,
+            engine_id=engine_id,
+            version=version,
+            max_batch_size=config.max_batch_size,
+            seed=config.seed,
+        )
+    if config.type == "vllm":
+        from rollout.config import VLLMConfig
+        from rollout.vllm_engine import VLLMEngine
+
+        if model is not None or not config.model_path:
+            raise ValueError("EngineConfig.type='vllm' loads config.model_path itself (a local HF directory)")
+        return VLLMEngine(
+            config.model_path,
+            config.vllm or VLLMConfig(),
             engine_id=engine_id,
             version=version,
             max_batch_size=config.max_batch_size,

@@ -241,6 +241,12 @@ class HFEngine:
                     "timeout: raise timeout_s or lower max_batch_size."
                 )
 
+    def weights_digest(self) -> str:
+        """sha256 of the loaded weights (names and fp32 bytes), comparable with the trainer's."""
+        from areal_like.digest import state_dict_digest
+
+        return state_dict_digest(self.model.state_dict())
+
     def close(self, timeout_s: float = 30.0) -> None:
         with self._cond:
             self._closed = True

@@ -137,11 +137,15 @@ class RolloutWorker:
         self.store = store
         self.tokenizer = load_tokenizer(model_path)
         engine_config = EngineConfig(
-            type=config.engine, max_batch_size=config.engine_max_batch_size, seed=seed
+            type=config.engine,
+            model_path=model_path,
+            max_batch_size=config.engine_max_batch_size,
+            seed=seed,
+            vllm=config.vllm,
         )
-        self.engine = make_engine(
-            engine_config, engine_id=worker_id, version=version, model=load_model(model_path)
-        )
+        # The HF engine gets a model built here (float32 on CPU); vLLM loads the directory itself.
+        model = load_model(model_path) if config.engine == "hf" else None
+        self.engine = make_engine(engine_config, engine_id=worker_id, version=version, model=model)
         self.rewards = RewardPool(reward_fn_path, num_workers=reward_workers, timeout_s=reward_timeout_s)
         eos = self.tokenizer.eos_token_id
         self.params = SamplingParams(
@@ -342,25 +346,51 @@ class RolloutWorker:
     def setup_realloc(
         self, plan, config, master_addr: str, master_port: int, member: int, engine_rank: int
     ) -> None:
-        """Join the weight-reallocation group; staging tensors are allocated once and reused."""
+        """Join the weight-reallocation group; staging tensors are allocated once and reused. The
+        vLLM engine joins from its engine-core process, where its weights live."""
+        self.realloc_rank = engine_rank
+        if self.config.engine == "vllm":
+            self.engine.setup_realloc(plan, config, master_addr, master_port, member, engine_rank)
+            return
         from areal_like.realloc.executor import ReallocExecutor
         from areal_like.realloc.pack import allocate_staging
 
         self.realloc = ReallocExecutor(plan, member, config, master_addr, master_port)
-        self.realloc_rank = engine_rank
         self.staging = {engine_rank: allocate_staging(plan, engine_rank)}
 
     def weights_digest(self) -> str:
         """Digest of the engine's weights (compare with the trainer's ``weights_digest``)."""
-        from areal_like.digest import state_dict_digest
-
-        return state_dict_digest(self.engine.model.state_dict())
+        return self.engine.weights_digest()
 
     def receive_weights(self, version: int) -> int:
         """Receive every bucket of ``version`` into the staging tensors, then swap them in at a token
         boundary. A failed transfer raises before the engine is touched (it stays on the old version)."""
+        if self.config.engine == "vllm":
+            self.engine.receive_weights(version, timeout_s=self.config.weight_update_timeout_s)
+            return self.engine.version
         self.realloc.run(version, staging=self.staging)
         return self.update_weights(self.staging[self.realloc_rank], version)
+
+    # ---- colocated placement (vLLM on the trainer's GPU) ---------------------------------------------
+    def make_arena(self, plan, engine_rank: int):
+        """Allocate this engine's staging arena; returns the ``IpcHandle`` for the trainer rank."""
+        return self.engine.make_arena(plan, engine_rank)
+
+    def load_staged(self, version: int) -> int:
+        """The colocated trainer rank wrote ``version`` into the arena: load it at a token boundary."""
+        self.engine.load_staged(version, timeout_s=self.config.weight_update_timeout_s)
+        return self.engine.version
+
+    def sleep(self) -> None:
+        """Give the GPU to the trainer: pause generation and free the engine's memory."""
+        self.engine.sleep()
+
+    def wake(self) -> None:
+        """Take the GPU back; generation stays paused until ``resume`` (after the weight sync)."""
+        self.engine.wake(resume=False)
+
+    def resume(self) -> None:
+        self.engine.resume()
 
     def evaluate(self, records: list[PromptRecord], prompt_ids: list[list[int]]) -> EvalResult:
         """Greedy decoding on held-out prompts, scored with the training reward."""

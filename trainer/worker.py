@@ -435,17 +435,24 @@ class TrainerRank:
                 return None
             return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
 
-    def setup_realloc(self, plan, config, master_addr: str, master_port: int) -> None:
-        """Join the weight-reallocation group as member ``rank`` (every engine joins at once)."""
+    def setup_realloc(self, plan, config, master_addr: str, master_port: int, ipc_handles=None) -> None:
+        """Join the weight-reallocation group as member ``rank`` (every engine joins at once).
+        Colocated placement: ``ipc_handles`` (engine rank -> ``IpcHandle``) are the staging arenas of
+        the engines on this GPU; this rank maps the ones it hosts and writes into them."""
         from areal_like.realloc.executor import ReallocExecutor
+        from areal_like.realloc.ipc import open_ipc_staging
 
         self.realloc = ReallocExecutor(plan, self.rank, config, master_addr, master_port)
+        self.realloc_staging = {
+            e: open_ipc_staging(plan, ipc_handles[e]) for e in plan.hosted_by(self.rank) if ipc_handles
+        }
 
     def send_weights(self, version: int):
         """This rank's part of the reallocation plan for ``version`` (collective with the engines)."""
         from areal_like.realloc.sources import flat_sources
 
-        return self.realloc.run(version, sources=flat_sources(self.engine.module, self.rank, self.world_size))
+        sources = flat_sources(self.engine.module, self.rank, self.world_size)
+        return self.realloc.run(version, sources=sources, staging=self.realloc_staging)
 
     def weights_digest(self) -> str | None:
         weights = self.export_weights()

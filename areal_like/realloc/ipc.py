@@ -57,25 +57,50 @@ class IpcArena:
 
 def open_ipc_staging(plan: Plan, handle: IpcHandle) -> dict[str, torch.Tensor]:
     """The trainer side: map the arena of ``handle`` and return its staging views (call once)."""
+    arena = _rebuild(handle.rebuild, handle.device_uuid, f"engine rank {handle.engine_rank}'s GPU")
+    assert arena.numel() == handle.nbytes and arena.dtype == torch.uint8, (arena.shape, arena.dtype)
+    return arena_views(arena, plan.dest.ranks[handle.engine_rank])
+
+
+def share_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[str, tuple]]:
+    """CUDA tensors as picklable IPC handles (name -> (GPU uuid, rebuild)); keep the tensors alive
+    until the other process has opened and used them (``open_shared_tensors``)."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    out = {}
+    for name, tensor in tensors.items():
+        if tensor.device.type != "cuda":
+            raise ValueError(
+                f"share_tensors: {name!r} is on {tensor.device}; only CUDA tensors can be shared"
+            )
+        out[name] = (str(torch.cuda.get_device_properties(tensor.device).uuid), reduce_tensor(tensor))
+    return out
+
+
+def open_shared_tensors(handles: dict[str, tuple[str, tuple]]) -> dict[str, torch.Tensor]:
+    """The receiving side of ``share_tensors`` (same GPU, another process): views, no copy."""
+    return {name: _rebuild(rebuild, uuid, f"tensor {name!r}") for name, (uuid, rebuild) in handles.items()}
+
+
+def _rebuild(rebuild: tuple, device_uuid: str, what: str) -> torch.Tensor:
+    """Open a ``reduce_tensor`` handle made in another process, on the local ordinal of its GPU."""
     ordinal = next(
         (
             i
             for i in range(torch.cuda.device_count())
-            if str(torch.cuda.get_device_properties(i).uuid) == handle.device_uuid
+            if str(torch.cuda.get_device_properties(i).uuid) == device_uuid
         ),
         None,
     )
     if ordinal is None:
         raise ValueError(
-            f"realloc colocated: engine rank {handle.engine_rank}'s GPU {handle.device_uuid} is not visible "
-            "in this trainer process; place each engine rank on the GPU of the trainer rank hosting it"
+            f"CUDA IPC: {what} ({device_uuid}) is not visible in this process; colocated processes must "
+            "share the GPU (place the engine on the GPU of the process that writes into it)"
         )
-    rebuild, args = handle.rebuild
+    fn, args = rebuild
     args = list(args)
     args[_DEVICE_ARG] = ordinal
-    arena = rebuild(*args)
-    assert arena.numel() == handle.nbytes and arena.dtype == torch.uint8, (arena.shape, arena.dtype)
-    return arena_views(arena, plan.dest.ranks[handle.engine_rank])
+    return fn(*args)
 
 
 def colocated_hosts(num_trainer_ranks: int, num_engine_ranks: int) -> tuple[int, ...]:

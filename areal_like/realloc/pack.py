@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from areal_like.realloc.layout import EngineTensor, Rect, view2d
+from areal_like.realloc.layout import EngineTensor, Rect, TensorSpec, view2d
 from areal_like.realloc.plan import ALIGN_BYTES, CHECKSUM_BYTES, Bucket, Plan
 
 TORCH_DTYPES = {
@@ -231,3 +231,38 @@ def execute_locally(
         if plan.checksum and not checksum_matches(buf, bucket.payload_bytes):
             raise AssertionError(f"bucket {bucket.index}: checksum mismatch in a local run")
         unpack_copies(bucket, buf, staging).run()
+
+
+def logical_from_engine(
+    tensors: tuple[EngineTensor, ...],
+    views: dict[str, torch.Tensor],
+    specs: list[TensorSpec],
+    aliases: dict[str, str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The inverse of staging: logical (HF-named) tensors read back out of one engine rank's
+    tensors ``views`` (engine names, e.g. vLLM's fused qkv_proj), on the views' device. Every
+    logical tensor must be covered by the rank (TP 1); ``aliases`` (tied lm_head) share their target.
+    Used to check that an engine holds exactly the trainer's weights (``weights_digest``)."""
+    device = next(iter(views.values())).device if views else torch.device("cpu")
+    out = {s.name: torch.empty(s.shape, dtype=TORCH_DTYPES[s.dtype], device=device) for s in specs}
+    covered = dict.fromkeys(out, 0)
+    for t in tensors:
+        if t.alias_of is not None:
+            continue
+        if t.name not in views:
+            raise KeyError(f"engine tensor {t.name!r} is missing from the engine's parameters")
+        for p in t.placements:
+            dst = out[p.src]
+            _dst_view(dst, p.rect.row0, p.rect.col0, p.rect).copy_(
+                _dst_view(views[t.name], p.dst_row, p.dst_col, p.rect)
+            )
+            covered[p.src] += p.rect.numel
+    partial = [name for name, spec in zip(out, specs, strict=True) if covered[name] != spec.numel]
+    if partial:
+        raise ValueError(
+            f"logical_from_engine: {len(partial)} logical tensors not covered exactly once by this engine "
+            f"rank (e.g. {partial[:2]}); a tensor-parallel rank holds only slices"
+        )
+    for alias, target in (aliases or {}).items():
+        out[alias] = out[target]
+    return out

@@ -1,0 +1,218 @@
+"""Every call this project makes into vLLM, in one place (pinned: vLLM 0.25.1).
+
+The next vLLM upgrade touches this file only: ``VLLMEngine`` (rollout/vllm_engine.py), the worker
+extension (rollout/vllm_extension.py) and the benchmarks call these functions and never import
+``vllm`` themselves. What each call relies on in 0.25.1:
+- ``AsyncLLM.from_engine_args(AsyncEngineArgs(...))``: the engine core runs in its own process (the
+  model with it, TP 1 = the ``uni`` executor); ``skip_tokenizer_init`` (token ids in and out);
+  ``logprobs_mode='processed_logprobs'`` (log-probs of the distribution actually sampled, after
+  temperature); ``worker_extension_cls`` mixes our class into vLLM's GPU worker so
+  ``collective_rpc('areal_...')`` reaches it; ``enable_sleep_mode`` for colocated placement.
+- ``AsyncLLM.generate(TokensPrompt, SamplingParams(output_kind=DELTA, logprobs=0), request_id)``: an
+  async iterator of ``RequestOutput`` whose ``outputs[0]`` holds the new token ids and, per position,
+  a mapping ``{token_id: Logprob}`` that includes the sampled token; ``finish_reason`` is 'stop',
+  'length' or 'abort' on the last one.
+- ``pause_generation(mode='keep', clear_cache=False)``: requests freeze in place and the call returns
+  once the engine's output queue is empty; ``reset_prefix_cache(reset_running_requests=True)``
+  preempts the frozen requests so their KV cache is recomputed by the new weights on
+  ``resume_generation``; ``sleep(level)`` / ``wake_up(tags)``; ``abort(ids)`` ends requests with a
+  final 'abort' output.
+- ``LLM.generate`` (the offline engine) is used only as the benchmark baseline.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rollout.config import VLLMConfig
+    from rollout.engine import SamplingParams
+
+PINNED_VERSION = "0.25.1"
+"""The vLLM release this adapter is written and tested against."""
+
+EXTENSION_CLS = "rollout.vllm_extension.WeightExtension"
+"""Qualified name of our worker extension (imported by vLLM inside its worker process)."""
+
+
+def check_version() -> str:
+    """The installed vLLM version; ImportError naming the pin when vLLM is missing or differs."""
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(
+            f"rollout.engine='vllm' needs vllm=={PINNED_VERSION} (GPU machines only; see "
+            "docs/operations.md 'GPU runs'); on CPU use rollout.engine='hf'"
+        ) from e
+    if vllm.__version__ != PINNED_VERSION and not os.environ.get("AREAL_ALLOW_VLLM_VERSION"):
+        raise ImportError(
+            f"vllm {vllm.__version__} is installed but rollout/vllm_adapter.py is written against "
+            f"{PINNED_VERSION}; install that version, or set AREAL_ALLOW_VLLM_VERSION=1 to try anyway"
+        )
+    return vllm.__version__
+
+
+def _prepare_environment() -> None:
+    # The worker process must import our extension: make the checkout importable there.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *[p for p in paths if p]])
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    # The caller may hold a CUDA context (tests, colocated checks): a forked engine core could not.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+
+
+def engine_kwargs(model_path: str, config: VLLMConfig, max_num_seqs: int, seed: int) -> dict[str, Any]:
+    """Keyword arguments shared by ``AsyncEngineArgs`` and the offline ``LLM`` (benchmarks)."""
+    kwargs: dict[str, Any] = dict(
+        model=model_path,
+        skip_tokenizer_init=True,
+        dtype=config.dtype,
+        seed=seed,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        enforce_eager=config.enforce_eager,
+        enable_prefix_caching=config.enable_prefix_caching,
+        max_num_seqs=max_num_seqs,
+        logprobs_mode="processed_logprobs",
+        worker_extension_cls=EXTENSION_CLS,
+        enable_sleep_mode=config.enable_sleep_mode,
+        tensor_parallel_size=1,
+    )
+    if config.max_model_len is not None:
+        kwargs["max_model_len"] = config.max_model_len
+    if config.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
+    return kwargs
+
+
+def start_async_llm(model_path: str, config: VLLMConfig, max_num_seqs: int, seed: int) -> Any:
+    """An ``AsyncLLM`` for ``model_path`` (call on the event loop thread that will drive it)."""
+    check_version()
+    _prepare_environment()
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    args = AsyncEngineArgs(**engine_kwargs(model_path, config, max_num_seqs, seed))
+    return AsyncLLM.from_engine_args(args)
+
+
+def start_offline_llm(model_path: str, config: VLLMConfig, max_num_seqs: int, seed: int) -> Any:
+    """The offline ``vllm.LLM`` with the same settings (benchmark baseline)."""
+    check_version()
+    _prepare_environment()
+    from vllm import LLM
+
+    return LLM(**engine_kwargs(model_path, config, max_num_seqs, seed))
+
+
+def sampling_params(params: SamplingParams, seed: int | None = None, stream: bool = True) -> Any:
+    """Our ``SamplingParams`` as vLLM's: the sampled token's log-prob always, deltas when streaming,
+    eos ignored when the request has no stop tokens (forced lengths for benchmarks)."""
+    from vllm import SamplingParams as VllmSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    stop = list(params.stop_token_ids)
+    return VllmSamplingParams(
+        max_tokens=params.max_new_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        seed=seed,
+        logprobs=0,
+        stop_token_ids=stop or None,
+        ignore_eos=not stop,
+        detokenize=False,
+        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+    )
+
+
+def token_prompt(prompt_ids: list[int]) -> Any:
+    from vllm.inputs import TokensPrompt
+
+    return TokensPrompt(prompt_token_ids=list(prompt_ids))
+
+
+@dataclass
+class Delta:
+    """What one ``RequestOutput`` added to a request."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None
+    """None while the request runs; 'stop', 'length' or 'abort' on its last output."""
+
+
+def parse_output(output: Any) -> Delta:
+    """The new tokens of a ``RequestOutput`` (DELTA kind) with the sampled tokens' log-probs."""
+    completion = output.outputs[0]
+    token_ids = [int(t) for t in completion.token_ids]
+    positions = completion.logprobs
+    if token_ids and (positions is None or len(positions) != len(token_ids)):
+        raise RuntimeError(
+            f"vLLM returned {len(token_ids)} tokens but "
+            f"{0 if positions is None else len(positions)} log-prob positions (request {output.request_id})"
+        )
+    logprobs = [float(positions[i][tok].logprob) for i, tok in enumerate(token_ids)]
+    reason = completion.finish_reason if output.finished else None
+    return Delta(token_ids, logprobs, None if reason is None else str(reason))
+
+
+async def generate(llm: Any, request_id: str, prompt_ids: list[int], params: Any):
+    """Async iterator of ``Delta`` for one request."""
+    async for output in llm.generate(token_prompt(prompt_ids), params, request_id):
+        yield parse_output(output)
+
+
+async def abort(llm: Any, request_ids: list[str]) -> None:
+    await llm.abort(request_ids)
+
+
+async def pause(llm: Any) -> None:
+    """Freeze every request in place (their KV cache kept) until ``resume``."""
+    await llm.pause_generation(mode="keep", clear_cache=False)
+
+
+async def resume(llm: Any) -> None:
+    await llm.resume_generation()
+
+
+async def recompute_running(llm: Any) -> None:
+    """After a weight swap: drop the prefix cache and preempt the frozen requests, so that their
+    prompt and partial output are re-encoded by the new weights when decoding resumes."""
+    await llm.reset_prefix_cache(reset_running_requests=True)
+
+
+async def sleep(llm: Any, level: int) -> None:
+    """Free the engine's GPU memory (level 1: weights to CPU, KV cache dropped; level 2: both
+    dropped); frozen requests stay queued and are recomputed after ``wake``."""
+    await llm.sleep(level=level, mode="keep")
+
+
+async def wake(llm: Any, tags: list[str] | None = None) -> None:
+    """Re-allocate what ``sleep`` freed (``tags``: 'weights', 'kv_cache'; None = all)."""
+    await llm.wake_up(tags)
+
+
+async def is_sleeping(llm: Any) -> bool:
+    return bool(await llm.is_sleeping())
+
+
+async def rpc(llm: Any, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+    """Call ``WeightExtension.<method>`` in the engine's worker; returns the (single) worker's result.
+    Arguments and results must be plain data (bytes, str, numbers): vLLM's msgpack channel turns
+    tensors into nested lists."""
+    results = await llm.collective_rpc(method, timeout=timeout_s, args=args)
+    return results[0]
+
+
+def shutdown(llm: Any) -> None:
+    llm.shutdown()
+
+
+def offline_generate(llm: Any, prompts: list[list[int]], params: list[Any]) -> list[Delta]:
+    """``LLM.generate`` on token ids (FINAL_ONLY params): one Delta with the whole response each."""
+    outputs = llm.generate([token_prompt(p) for p in prompts], params, use_tqdm=False)
+    return [parse_output(o) for o in outputs]

@@ -1,0 +1,113 @@
+"""Our methods inside vLLM's GPU worker (``worker_extension_cls``): how new weights get in.
+
+vLLM mixes ``WeightExtension`` into its worker class in the engine-core process, which holds the
+model; ``VLLMEngine`` reaches these methods through ``collective_rpc`` (rollout/vllm_adapter.py).
+Arguments and results are plain data (pickled bytes, ints, str): vLLM's channel turns tensors into
+lists, so tensors themselves travel over CUDA IPC or NCCL.
+
+Three ways in:
+- ``areal_load_shared(blob)``: the object-store path. The rollout actor puts the HF state dict on
+  the same GPU and shares it by CUDA IPC; we open it and call vLLM's own ``model.load_weights``
+  (which fuses q/k/v and gate/up itself).
+- ``areal_join(blob)`` + ``areal_receive(version)``: split placement. This process is a member of
+  the reallocation plan's NCCL group; trainer ranks broadcast bf16 buckets straight into staging
+  tensors laid out as vLLM's parameters (``vllm_destination``), then one fused copy loads them.
+- ``areal_make_arena(blob)`` + ``areal_load_staged()``: colocated placement. The staging is a
+  persistent arena shared by CUDA IPC with the trainer rank on this GPU, which writes into it; we
+  copy it into the parameters when told.
+The caller pauses generation around every load (interruptible generation) and then resets the
+prefix cache so running requests are re-encoded by the new weights.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import torch
+
+
+class WeightExtension:
+    """Mixed into vLLM's worker: ``self.get_model()`` and ``self.vllm_config`` come from there."""
+
+    # ---- object-store path --------------------------------------------------------------------------
+    def areal_load_shared(self, blob: bytes) -> int:
+        """Load HF-named tensors shared by CUDA IPC (``share_tensors``); returns how many."""
+        from areal_like.realloc.ipc import open_shared_tensors
+
+        tensors = open_shared_tensors(pickle.loads(blob))
+        self.get_model().load_weights(iter(tensors.items()))
+        torch.cuda.synchronize()
+        return len(tensors)
+
+    # ---- reallocation plan ------------------------------------------------------------------------
+    def areal_join(self, blob: bytes) -> int:
+        """Join the plan's group as ``member`` hosting ``engine_rank``; staging allocated once.
+        ``blob``: pickled (plan, ReallocConfig, master_addr, master_port, member, engine_rank)."""
+        from areal_like.realloc.executor import ReallocExecutor
+        from areal_like.realloc.pack import allocate_staging
+
+        plan, config, addr, port, member, engine_rank = pickle.loads(blob)
+        self._areal_check_names(plan, engine_rank)
+        self._areal_rank = engine_rank
+        self._areal_staging = allocate_staging(
+            plan, engine_rank, torch.device("cuda", torch.cuda.current_device())
+        )
+        self._areal_executor = ReallocExecutor(plan, member, config, addr, port)
+        return sum(t.numel() * t.element_size() for t in self._areal_staging.values())
+
+    def areal_receive(self, version: int) -> dict:
+        """Receive ``version``'s buckets into the staging (all-or-nothing), then load them."""
+        from dataclasses import asdict
+
+        stats = self._areal_executor.run(version, staging={self._areal_rank: self._areal_staging})
+        self.areal_load_staged()
+        return asdict(stats)
+
+    def areal_make_arena(self, blob: bytes) -> bytes:
+        """Colocated: allocate ``engine_rank``'s staging arena and return its pickled ``IpcHandle``
+        for the trainer rank on this GPU. ``blob``: pickled (plan, engine_rank)."""
+        from areal_like.realloc.ipc import IpcArena
+
+        plan, engine_rank = pickle.loads(blob)
+        self._areal_check_names(plan, engine_rank)
+        self._areal_arena = IpcArena(plan, engine_rank, torch.device("cuda", torch.cuda.current_device()))
+        self._areal_staging = self._areal_arena.views
+        return pickle.dumps(self._areal_arena.handle())
+
+    def areal_load_staged(self) -> int:
+        """Copy the staging tensors into the model's parameters (one fused copy)."""
+        params = dict(self.get_model().named_parameters())
+        names = list(self._areal_staging)
+        torch._foreach_copy_([params[n].data for n in names], [self._areal_staging[n] for n in names])
+        torch.cuda.synchronize()
+        return len(names)
+
+    # ---- checks -----------------------------------------------------------------------------------
+    def areal_digest(self) -> str:
+        """sha256 of the weights as HF-named fp32 tensors (comparable with the trainer's digest)."""
+        from areal_like.digest import state_dict_digest
+        from areal_like.realloc.pack import logical_from_engine
+        from areal_like.realloc.qwen2 import Qwen2Dims, vllm_destination
+
+        dims = Qwen2Dims.from_config(self.vllm_config.model_config.hf_config)
+        dtype = str(next(self.get_model().parameters()).dtype).removeprefix("torch.")
+        layout = vllm_destination(dims, dtype, 1, 1)
+        params = {n: p.data for n, p in self.get_model().named_parameters()}
+        logical = logical_from_engine(layout.ranks[0], params, dims.specs(dtype), dims.tied_aliases)
+        return state_dict_digest(logical)
+
+    def areal_param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.get_model().parameters())
+
+    def _areal_check_names(self, plan, engine_rank: int) -> None:
+        params = dict(self.get_model().named_parameters())
+        for t in plan.dest.ranks[engine_rank]:
+            if t.alias_of is not None:
+                continue
+            p = params.get(t.name)
+            if p is None or tuple(p.shape) != tuple(t.shape):
+                raise ValueError(
+                    f"realloc plan tensor {t.name} {tuple(t.shape)} does not match vLLM's parameter "
+                    f"({None if p is None else tuple(p.shape)}); the plan must use vllm_destination "
+                    f"for this model (vLLM has {len(params)} parameters, e.g. {list(params)[:3]})"
+                )

@@ -1,0 +1,205 @@
+"""The vLLM engine behind the rollout Protocol, on one GPU (``pytest -m gpu`` on the GPU machine).
+
+One engine (enforce_eager, sleep mode on) serves every test of the module, in order: token ids in and
+out with log-probs equal to a float32 HF recompute; stop, length and abort endings; pause and resume;
+a weight swap inside a sample (both versions, and the tokens after the swap scored by the new
+weights); the colocated arena filled over CUDA IPC; sleep and wake keeping the weights.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+MAX_LEN = 512
+
+
+def _peaky_model(path: str, seed: int) -> str:
+    """A random Qwen2 (21-token vocab) with embeddings scaled 1.5x: entropy ~2.5 nats, and the
+    log-prob of a token differs by ~0.45 between two seeds and by ~1.3 between neighbouring positions,
+    so one read at the wrong position or under the wrong weights cannot pass as a match (bf16 vs
+    fp32 noise is ~0.01)."""
+    from areal_like.models import ModelBuildConfig, build_model, load_model
+
+    build_model(
+        ModelBuildConfig(
+            hidden_size=256,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=512,
+            max_position_embeddings=MAX_LEN,
+            seed=seed,
+        ),
+        path,
+    )
+    model = load_model(path)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1.5)
+    model.save_pretrained(path)
+    return path
+
+
+def _bf16_state(path: str) -> dict[str, torch.Tensor]:
+    from areal_like.models import load_model
+
+    return {k: v.to(torch.bfloat16) for k, v in load_model(path).state_dict().items()}
+
+
+def _recompute(path: str, prompt: list[int], response: list[int]) -> torch.Tensor:
+    """float32 HF log-probs of ``response`` after ``prompt`` at temperature 1."""
+    from areal_like.models import load_model
+
+    model = load_model(path).cuda()
+    ids = torch.tensor([prompt + response], device="cuda")
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(response, device="cuda")[:, None])[:, 0].cpu()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return _peaky_model(str(root / "a"), 0), _peaky_model(str(root / "b"), 1)
+
+
+@pytest.fixture(scope="module")
+def engine(models):
+    from rollout.config import VLLMConfig
+    from rollout.vllm_engine import VLLMEngine
+
+    config = VLLMConfig(
+        enforce_eager=True, gpu_memory_utilization=0.3, max_model_len=MAX_LEN, enable_sleep_mode=True
+    )
+    eng = VLLMEngine(models[0], config, engine_id=0, version=0, max_batch_size=64, seed=0)
+    yield eng
+    eng.close()
+
+
+def _params(n: int, **kw):
+    from rollout.engine import SamplingParams
+
+    return SamplingParams(max_new_tokens=n, **kw)
+
+
+def test_token_ids_in_and_out_with_logprobs_of_the_sampling_distribution(engine, models):
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    outputs = engine.generate(prompts, _params(40), timeout_s=120)
+    for prompt, out in zip(prompts, outputs, strict=True):
+        assert out.finish_reason == "length" and len(out.response_ids) == 40
+        assert out.versions == [0] * 40
+        ref = _recompute(models[0], prompt, out.response_ids)
+        got = torch.tensor(out.logprobs)
+        # bf16 engine vs fp32 reference (see _peaky_model for the margins)
+        assert (got - ref).abs().mean() < 0.05, (got[:8], ref[:8])
+        assert ref.min() > -20
+
+
+def test_stop_token_ends_a_request_and_keeps_it(engine):
+    # Same request id -> same sampling seed, so the run with a stop token follows the first one.
+    first = engine.submit([5, 6, 7], _params(24), request_id="stop-probe").result(timeout_s=60)
+    tokens = first.response_ids
+    stop_at = next((i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i]), 0)
+    params = _params(24, stop_token_ids=(tokens[stop_at],))
+    out = engine.submit([5, 6, 7], params, request_id="stop-probe").result(timeout_s=60)
+    assert out.finish_reason == "stop"
+    assert out.response_ids == tokens[: stop_at + 1]
+
+
+def test_abort_ends_a_request_with_its_partial_output(engine):
+    handle = engine.submit([5, 6, 7], _params(MAX_LEN - 8), stream=True)
+    seen = 0
+    for chunk in handle.stream(timeout_s=60):
+        seen += len(chunk.token_ids)
+        if seen >= 5:
+            break
+    engine.abort([handle.request_id])
+    out = handle.result(timeout_s=60)
+    assert out.finish_reason == "abort"
+    assert 5 <= len(out.response_ids) < MAX_LEN - 8
+
+
+def test_pause_holds_decoding_and_resume_finishes(engine):
+    handle = engine.submit([5, 6, 7], _params(300), stream=True)
+    stream = handle.stream(timeout_s=60)
+    next(stream)
+    engine.pause()
+    load = engine.load()
+    assert load.running_requests == 0 and load.waiting_requests == 1
+    steps = engine.load().decode_steps_total
+    time.sleep(1.0)
+    assert engine.load().decode_steps_total == steps, "tokens arrived while paused"
+    engine.resume()
+    out = handle.result(timeout_s=120)
+    assert out.finish_reason == "length" and len(out.response_ids) == 300
+
+
+def test_weight_swap_inside_a_sample_carries_both_versions(engine, models):
+    from areal_like.digest import state_dict_digest
+
+    prompt = [5, 6, 7, 8]
+    handle = engine.submit(prompt, _params(400), stream=True)
+    seen = 0
+    for chunk in handle.stream(timeout_s=60):
+        seen += len(chunk.token_ids)
+        if seen >= 20:
+            break
+    new_state = _bf16_state(models[1])
+    engine.update_weights(new_state, version=1, timeout_s=120)
+    out = handle.result(timeout_s=120)
+    k = out.versions.index(1)
+    assert 20 <= k < 400 and out.versions == [0] * k + [1] * (400 - k)
+    assert engine.version == 1
+    assert engine.weights_digest() == state_dict_digest(new_state)
+    # Tokens after the swap were sampled by the new weights over a prefix re-encoded by them.
+    ref_new = _recompute(models[1], prompt, out.response_ids)[k:]
+    ref_old = _recompute(models[0], prompt, out.response_ids)[k:]
+    got = torch.tensor(out.logprobs[k:])
+    assert (got - ref_new).abs().mean() < 0.05
+    assert (got - ref_old).abs().mean() > 0.2
+
+
+def test_colocated_arena_written_over_cuda_ipc_then_loaded(engine, models):
+    from transformers import AutoConfig
+
+    from areal_like.digest import state_dict_digest
+    from areal_like.models import load_model
+    from areal_like.realloc import Qwen2Dims, SourceLayout, make_plan, vllm_destination
+    from areal_like.realloc.ipc import open_ipc_staging
+    from areal_like.realloc.pack import execute_locally
+    from areal_like.realloc.sources import flat_sources
+
+    dims = Qwen2Dims.from_config(AutoConfig.from_pretrained(models[0], local_files_only=True))
+    plan = make_plan(
+        SourceLayout.replicated(dims.specs("bfloat16"), 1),
+        vllm_destination(dims, "bfloat16", 1, 1),
+        64 << 20,
+        hosts=(0,),
+    )
+    handle = engine.make_arena(plan, 0)
+    arena = open_ipc_staging(plan, handle)
+    trainer_model = load_model(models[0]).to("cuda", torch.bfloat16)  # the "trainer" holds model a
+    execute_locally(plan, {0: flat_sources(trainer_model, 0, 1)}, {0: arena})
+    torch.cuda.synchronize()
+    engine.load_staged(2)
+    engine.resume()
+    assert engine.version == 2
+    assert engine.weights_digest() == state_dict_digest(_bf16_state(models[0]))
+    out = engine.generate([[5, 6, 7]], _params(8), timeout_s=60)[0]
+    assert out.versions == [2] * 8
+
+
+def test_sleep_frees_memory_and_wake_keeps_the_weights(engine):
+    digest = engine.weights_digest()
+    free_before = torch.cuda.mem_get_info()[0]
+    engine.sleep()
+    free_asleep = torch.cuda.mem_get_info()[0]
+    assert free_asleep > free_before + (256 << 20), (free_before, free_asleep)
+    engine.wake(resume=True)
+    assert engine.weights_digest() == digest
+    out = engine.generate([[5, 6, 7]], _params(8), timeout_s=60)[0]
+    assert out.finish_reason == "length" and len(out.response_ids) == 8
