@@ -128,3 +128,11 @@ def build_group_writes(
 def rewards_all_equal(scores: list[RewardResult]) -> bool:
     """The dynamic-sampling filter: True when every sample of a group got the same reward."""
     return len({score.value for score in scores}) <= 1
+
+
+def forced_length(median: int, sigma: float, cap: int, group_id: int, index: int) -> int:
+    """A response length from a lognormal with ``median`` and ``sigma``, in [1, cap], fixed by the
+    sample's (group id, index) so that every run and every placement gets the same length mix."""
+    rng = np.random.default_rng((group_id, index))
+    length = int(round(median * float(np.exp(sigma * rng.standard_normal()))))
+    return min(max(length, 1), cap)

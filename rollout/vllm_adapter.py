@@ -212,6 +212,11 @@ def shutdown(llm: Any) -> None:
     llm.shutdown()
 
 
+def shutdown_offline(llm: Any) -> None:
+    """Stop an offline ``LLM``'s engine-core process so that its GPU memory is freed."""
+    llm.llm_engine.engine_core.shutdown()
+
+
 def offline_generate(llm: Any, prompts: list[list[int]], params: list[Any]) -> list[Delta]:
     """``LLM.generate`` on token ids (FINAL_ONLY params): one Delta with the whole response each."""
     outputs = llm.generate([token_prompt(p) for p in prompts], params, use_tqdm=False)

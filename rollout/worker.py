@@ -33,6 +33,7 @@ Shutdown: ``stop`` sets an event; the loop aborts its requests, hands its groups
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import queue
 import threading
@@ -48,7 +49,7 @@ from areal_like.rewards import RewardPool
 from areal_like.types import PromptGroup, PromptRecord
 from rollout.config import RolloutConfig
 from rollout.engine import EngineConfig, RequestHandle, SamplingParams, make_engine
-from rollout.samples import build_group_writes, rewards_all_equal
+from rollout.samples import build_group_writes, forced_length, rewards_all_equal
 
 logger = logging.getLogger(__name__)
 
@@ -222,14 +223,26 @@ class RolloutWorker:
             groups: list[PromptGroup] = ray.get(self.dispatcher.acquire.remote(room), timeout=_RPC_TIMEOUT_S)
             for group in groups:
                 entry = self._groups[group.group_id] = _GroupInFlight(group)
-                for _ in range(group.num_samples):
-                    handle = self.engine.submit(list(group.prompt_ids), self.params)
+                for index in range(group.num_samples):
+                    handle = self.engine.submit(
+                        list(group.prompt_ids), self._params_for(group.group_id, index)
+                    )
                     handle.add_done_callback(lambda _, gid=group.group_id: self._finished.put(gid))
                     entry.handles.append(handle)
         if not groups and not self._groups:
             start = time.perf_counter()
             self._stop.wait(_POLL_S)
             self._counters["idle_s"] += time.perf_counter() - start
+
+    def _params_for(self, group_id: int, index: int) -> SamplingParams:
+        """The run's sampling params, or (benchmarks) a forced lognormal length with eos ignored."""
+        median = self.config.forced_length_median
+        if median is None:
+            return self.params
+        length = forced_length(
+            median, self.config.forced_length_sigma, self.config.max_new_tokens, group_id, index
+        )
+        return dataclasses.replace(self.params, max_new_tokens=length, stop_token_ids=())
 
     def _collect_finished_groups(self) -> list[_GroupInFlight]:
         """Groups whose every request has finished (waits up to ``_POLL_S`` for the first request)."""

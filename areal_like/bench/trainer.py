@@ -1,6 +1,7 @@
 """Trainer micro-batching: trained tokens/s of padded vs packed micro-batches on a long-tailed mix.
 
 ``areal-like bench trainer [--num-seqs 256 --budget 4096 --hidden 128 --layers 2 --repeats 2]``
+``areal-like bench trainer --shape 1.5b --grad-ckpt --budget 16384`` (GPU: a Qwen2.5-1.5B-shaped model)
 
 The same sequences (85% short, 15% long responses, as RL rollouts are) go through a forward,
 the token log-probs and a backward pass of a fresh Qwen2 model, laid out three ways:
@@ -9,6 +10,10 @@ the token log-probs and a backward pass of a fresh Qwen2 model, laid out three w
   packed-budget: token-budget micro-batches packed without padding (position ids restart)
 Tokens/s counts real tokens only; padding is reported as a fraction of the positions computed. It
 also prints how evenly the mix splits over 8 data-parallel ranks (Karmarkar-Karp vs dealing).
+On a GPU it reports model FLOPs utilisation: useful FLOPs (6 x matmul parameters x real tokens, plus
+causal attention 6 x layers x q-width x sum of squared sequence lengths; recomputation under
+gradient checkpointing not counted) over seconds x the GPU's dense bf16 peak (H100/H200: 989 TFLOP/s).
+The pass is forward, log-probs and backward (no optimizer step, which is O(params), not O(tokens)).
 """
 
 from __future__ import annotations
@@ -64,6 +69,23 @@ def layouts(
     }
 
 
+def useful_flops(config, lengths: list[int]) -> float:
+    """Model FLOPs of forward + backward over sequences of ``lengths`` (see the module docstring)."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv, inter = config.num_attention_heads * hd, config.num_key_value_heads * hd, config.intermediate_size
+    matmul_params = layers * (h * q + 2 * h * kv + q * h + 3 * h * inter) + h * config.vocab_size
+    return 6.0 * matmul_params * sum(lengths) + 6.0 * layers * q * sum(n * n for n in lengths)
+
+
+def peak_flops(device) -> float | None:
+    """Dense bf16 peak of the GPU (None on CPU or an unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return 989e12 if ("H100" in name or "H200" in name) else None
+
+
 def time_pass(model, micro_batches: list[MicroBatch], device) -> float:
     start = time.perf_counter()
     for micro in micro_batches:
@@ -86,6 +108,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per layout (best is kept)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shape", default=None, help="realistic shape from bench/_models.py (e.g. 1.5b)")
+    parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
     args = parser.parse_args(argv)
 
     from transformers import AutoModelForCausalLM
@@ -102,20 +126,29 @@ def main(argv: list[str]) -> int:
             attn = "flash_attention_2"
         except ImportError:
             pass
-    build = ModelBuildConfig(
-        hidden_size=args.hidden,
-        intermediate_size=2 * args.hidden,
-        num_layers=args.layers,
-        num_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=2048,
-    )
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_model(build, f"{tmp}/model")
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if args.shape:
+            from areal_like.bench._models import random_qwen2
+
+            path = random_qwen2(args.shape, f"{tmp}/model", 2048)
+        else:
+            build = ModelBuildConfig(
+                hidden_size=args.hidden,
+                intermediate_size=2 * args.hidden,
+                num_layers=args.layers,
+                num_heads=4,
+                num_kv_heads=2,
+                max_position_embeddings=2048,
+            )
+            path = build_model(build, f"{tmp}/model")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device)
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable()
+    model.train()
     samples = long_tailed_samples(args.num_seqs, vocab=model.config.vocab_size, seed=args.seed)
     real_tokens = sum(s.length for s in samples)
+    peak = peak_flops(device)
     results = {}
     for name, micro_batches in layouts(samples, args.budget, args.fixed_size, attn).items():
         time_pass(model, micro_batches[:1], device)  # warm-up
@@ -126,6 +159,7 @@ def main(argv: list[str]) -> int:
             seconds=seconds,
             micro_batches=len(micro_batches),
             pad_frac=1.0 - real_tokens / slots,
+            mfu=useful_flops(model.config, [s.length for s in samples]) / seconds / peak if peak else None,
         )
 
     lengths = [s.length for s in samples]
@@ -135,10 +169,12 @@ def main(argv: list[str]) -> int:
         f"trainer micro-batching on {device.type} ({attn}), {args.num_seqs} sequences, {real_tokens} tokens, "
         f"lengths {min(lengths)}-{max(lengths)} (median {int(np.median(lengths))}), budget {args.budget}"
     )
-    print(f"{'layout':<15}{'tokens/s':>12}{'seconds':>10}{'micro':>8}{'padding':>10}")
+    print(f"{'layout':<15}{'tokens/s':>12}{'seconds':>10}{'micro':>8}{'padding':>10}{'MFU':>8}")
     for name, r in results.items():
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         print(
-            f"{name:<15}{r['tokens_per_s']:>12.0f}{r['seconds']:>10.2f}{r['micro_batches']:>8d}{r['pad_frac']:>10.1%}"
+            f"{name:<15}{r['tokens_per_s']:>12.0f}{r['seconds']:>10.2f}{r['micro_batches']:>8d}"
+            f"{r['pad_frac']:>10.1%}{mfu:>8}"
         )
     packed = results["packed-budget"]["tokens_per_s"]
     summary = {
@@ -149,6 +185,10 @@ def main(argv: list[str]) -> int:
         "real_tokens": real_tokens,
         **{f"{name}_tokens_per_s": round(r["tokens_per_s"], 1) for name, r in results.items()},
         **{f"{name}_pad_frac": round(r["pad_frac"], 4) for name, r in results.items()},
+        **{f"{name}_mfu": round(r["mfu"], 4) for name, r in results.items() if r["mfu"] is not None},
+        "shape": args.shape,
+        "grad_ckpt": args.grad_ckpt,
+        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
         "packed_vs_padded_fixed": round(packed / results["padded-fixed"]["tokens_per_s"], 3),
         "packed_vs_padded_budget": round(packed / results["padded-budget"]["tokens_per_s"], 3),
         "rank_imbalance_8_dealt": round(imbalance(dealt), 4),
