@@ -36,6 +36,8 @@ class RunSection:
     """Run directory: config.yaml, metrics.jsonl, eval.jsonl, checkpoints/, curves.png."""
     seed: int = 1
     """Seed for model init, prompt order and sampling."""
+    save_checkpoints: bool = True
+    """False: never write checkpoints (throughput benchmarks, throwaway runs); such a run cannot resume."""
     checkpoint_every: int = 10
     """Save a checkpoint every this many train steps (and always at the last step); 0 = only at the end."""
     keep_checkpoints: int = 2

@@ -123,7 +123,8 @@ class RLController:
             self.engines_in_sync, self.final_digest = self.weights.engines_match_trainer()
             if self.stop_signal is not None:
                 self.maybe_checkpoint(force=True)
-                print(f"stopped by {self.stop_signal} after step {self.step}; checkpoint saved", flush=True)
+                saved = "checkpoint saved" if self.config.run.save_checkpoints else "no checkpoint (disabled)"
+                print(f"stopped by {self.stop_signal} after step {self.step}; {saved}", flush=True)
                 return self.finish(first_step, eval_before, None, train_seconds)
             eval_after = self.evaluate("after")
             return self.finish(first_step, eval_before, eval_after, train_seconds)
@@ -344,6 +345,8 @@ class RLController:
         return time.perf_counter() - start
 
     def maybe_checkpoint(self, force: bool = False) -> float:
+        if not self.config.run.save_checkpoints:
+            return 0.0
         every = self.config.run.checkpoint_every
         last = self.step == self.config.train.max_steps
         if not (force or last or (every and self.step % every == 0)):

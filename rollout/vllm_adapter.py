@@ -12,8 +12,9 @@ extension (rollout/vllm_extension.py) and the benchmarks call these functions an
   async iterator of ``RequestOutput`` whose ``outputs[0]`` holds the new token ids and, per position,
   a mapping ``{token_id: Logprob}`` that includes the sampled token; ``finish_reason`` is 'stop',
   'length' or 'abort' on the last one.
-- ``pause_generation(mode='keep', clear_cache=False)``: requests freeze in place and the call returns
-  once the engine's output queue is empty; ``reset_prefix_cache(reset_running_requests=True)``
+- ``pause_generation(mode='keep', clear_cache=False)`` (through ``engine_core.pause_scheduler_async``,
+  skipping its fixed 20 ms sleep): requests freeze in place and the call returns once the engine's
+  output queue is empty; ``reset_prefix_cache(reset_running_requests=True)``
   preempts the frozen requests so their KV cache is recomputed by the new weights on
   ``resume_generation``; ``sleep(level)`` / ``wake_up(tags)``; ``abort(ids)`` ends requests with a
   final 'abort' output.
@@ -171,8 +172,16 @@ async def abort(llm: Any, request_ids: list[str]) -> None:
 
 
 async def pause(llm: Any) -> None:
-    """Freeze every request in place (their KV cache kept) until ``resume``."""
-    await llm.pause_generation(mode="keep", clear_cache=False)
+    """Freeze every request in place (their KV cache kept) until ``resume``; returns once the engine
+    core has stopped stepping and sent its last outputs. Calls the engine-core client directly:
+    ``AsyncLLM.pause_generation`` adds a fixed 20 ms sleep for output processing, which our engine
+    replaces by waiting until delivered tokens are stamped (measured: pause 50-65 ms -> see
+    docs/benchmarks.md)."""
+    core = getattr(llm, "engine_core", None)
+    if core is not None and hasattr(core, "pause_scheduler_async"):
+        await core.pause_scheduler_async(mode="keep", clear_cache=False)
+    else:
+        await llm.pause_generation(mode="keep", clear_cache=False)
 
 
 async def resume(llm: Any) -> None:

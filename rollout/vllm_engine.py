@@ -68,6 +68,9 @@ class VLLMEngine:
         self._sleeping = False
         self._closed = False
         self._swap_lock: asyncio.Lock | None = None
+        self.last_swap_s: dict[str, float] = {}
+        """Seconds of the last weight swap: pausing at a token boundary (and stamping what was
+        delivered), loading in the engine core, and re-queueing running requests + resuming."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"vllm-{engine_id}", daemon=True)
         self._thread.start()
@@ -250,16 +253,21 @@ class VLLMEngine:
     async def _swap(self, version: int, method: str, *args: Any) -> Any:
         assert self._swap_lock is not None
         async with self._swap_lock:
+            t0 = time.perf_counter()
             was_paused = self._paused
             if not was_paused:
                 await self._pause()
+            t1 = time.perf_counter()
             try:
                 result = await vllm.rpc(self._llm, method, *args)
+                t2 = time.perf_counter()
                 await vllm.recompute_running(self._llm)
                 self._version = version
             finally:
                 if not was_paused and not self._sleeping:
                     await self._resume()
+            t3 = time.perf_counter()
+            self.last_swap_s = {"pause": t1 - t0, "load": t2 - t1, "reset_resume": t3 - t2}
             return result
 
     async def _sleep(self) -> None:

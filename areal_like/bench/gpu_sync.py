@@ -134,7 +134,7 @@ def _colocated(args, model_dir: str) -> dict:
     config = ReallocConfig(enabled=True, backend="nccl", placement="colocated", bucket_mb=BUCKET_MB)
     executor = ReallocExecutor(plan, 0, config, "127.0.0.1", _free_port())
     sources = flat_sources(trainer, 0, 1)
-    sync_s, write_s = [], []
+    sync_s, write_s, phases = [], [], []
     for rep in range(args.repeats + 1):
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -145,6 +145,7 @@ def _colocated(args, model_dir: str) -> dict:
         if rep:  # the first one sets up the copy lists
             sync_s.append(round(time.perf_counter() - start, 5))
             write_s.append(round(written - start, 5))
+            phases.append({k: round(v, 5) for k, v in engine.last_swap_s.items()})
     nbytes = sum(t.numel() * t.element_size() for name, t in arena.items())
     verified = engine.weights_digest() == _digest(trainer) if args.verify else None
     busy = engine.load()
@@ -166,6 +167,7 @@ def _colocated(args, model_dir: str) -> dict:
         nbytes=nbytes,
         sync_s=sync_s,
         arena_write_s=write_s,
+        engine_swap_phases_s=phases,
         floor_s=floor_s,
         floor="device-to-device copy",
         verified=verified,
@@ -206,7 +208,7 @@ def _split(args, model_dir: str) -> dict:
 
     expect("engine_ready")
     expect("trainer_ready")
-    sync_s = []
+    sync_s, phases = [], []
     for rep in range(args.repeats + 1):
         to_engine.put(rep + 1)
         to_trainer.put(rep + 1)
@@ -214,6 +216,7 @@ def _split(args, model_dir: str) -> dict:
         trainer_s = expect(f"trainer_{rep + 1}")
         if rep:
             sync_s.append(round(max(engine_s, trainer_s), 5))
+            phases.append({k: round(v, 5) for k, v in expect(f"phases_{rep + 1}").items()})
     to_engine.put(0)  # digest and close
     to_trainer.put(0)  # floor
     result = dict(
@@ -222,6 +225,7 @@ def _split(args, model_dir: str) -> dict:
         sync_s=sync_s,
         floor_s=expect("floor_s"),
         floor=f"NCCL broadcast in {BUCKET_MB} MiB buckets, GPU 0 -> GPU 1",
+        engine_swap_phases_s=phases,
     )
     if args.verify:
         result["verified"] = expect("engine_digest") == expect("trainer_digest")
@@ -243,6 +247,7 @@ def _engine_proc(args, model_dir, port, floor_port, commands, results) -> None:
             start = time.perf_counter()
             engine.receive_weights(version, timeout_s=600)
             results.put(("engine", f"engine_{version}", time.perf_counter() - start))
+            results.put(("engine", f"phases_{version}", dict(engine.last_swap_s)))
         if args.verify:
             results.put(("engine", "engine_digest", engine.weights_digest()))
         engine.close()

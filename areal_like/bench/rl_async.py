@@ -12,7 +12,7 @@ sample's length fixed by its group id and index, so every run trains on the same
 eta=0 is the synchronous baseline (generation waits for the weights of the step before); eta>0
 lets generation run ahead while the trainer steps, with twice the batch of groups in flight.
 Throughput = response tokens consumed by train steps / seconds of those steps, over the steps after
-``--warmup`` (the last step, which writes the final checkpoint, excluded). Last line: JSON with
+``--warmup`` (no checkpoints are written). Last line: JSON with
 ``async_over_sync`` (the best async eta's throughput over eta=0's).
 """
 
@@ -46,8 +46,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if args.steps < args.warmup + 2:
-        raise SystemExit("--steps must be at least --warmup + 2 (the last step is not timed)")
+    if args.steps < args.warmup + 1:
+        raise SystemExit("--steps must exceed --warmup")
 
     from areal_like.config import load_config
     from areal_like.controller import run_training
@@ -75,7 +75,7 @@ def main(argv: list[str]) -> int:
             f"run.dir={run_dir}",
             f"model.path={model_dir}",
             "run.tensorboard=false",
-            "run.checkpoint_every=0",
+            "run.save_checkpoints=false",
             "eval.enabled=false",
             f"rollout.num_workers={args.engine_gpus}",
             f"rollout.max_staleness={eta}",
@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
         summary = run_training(load_config(os.path.join(ROOT, "configs", "gpu_addition.yaml"), overrides))
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
-        timed = rows[args.warmup : -1]
+        timed = rows[args.warmup :]
         tokens = sum(r["train/num_tokens"] for r in timed)
         seconds = sum(r["timing/step_s"] for r in timed)
         runs[eta] = dict(
@@ -114,7 +114,6 @@ def main(argv: list[str]) -> int:
             response_len_mean=round(sum(r["rollout/response_len_mean"] for r in rows) / len(rows), 1),
             engines_in_sync=summary.engines_in_sync,
         )
-        shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
         print(
             f"eta={eta}: {runs[eta]['tokens_per_s']:.0f} trained tokens/s over {len(timed)} steps", flush=True
         )
