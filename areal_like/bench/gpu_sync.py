@@ -189,9 +189,7 @@ def _split(args, model_dir: str) -> dict:
         (1, _floor_proc, None),
     ):
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        proc = ctx.Process(
-            target=target, args=(args, model_dir, port, floor_port, queue, results), daemon=True
-        )
+        proc = ctx.Process(target=target, args=(args, model_dir, port, floor_port, queue, results))
         proc.start()
         procs.append(proc)
     os.environ.pop("CUDA_VISIBLE_DEVICES", None)
