@@ -1,0 +1,138 @@
+"""The parts of the GPU path that run anywhere: config checks, forced lengths, the inverse of the
+vLLM weight layout (what the engine digest reads), FLOP counting, and clear errors without vLLM."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from areal_like.config import ConfigError, load_config
+from rollout.config import VLLMConfig
+from rollout.samples import forced_length
+
+GPU_RECIPE = "configs/gpu_addition.yaml"
+
+
+def test_vllm_settings_are_validated():
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        VLLMConfig(gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="sleep_level"):
+        VLLMConfig(sleep_level=3)
+    with pytest.raises(ValueError, match="dtype"):
+        VLLMConfig(dtype="int8")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["placement.devices=cpu", "realloc.enabled=false"], "rollout.engine='vllm' needs GPUs"),
+        (["rollout.engine=hf", "placement.devices=colocated", "realloc.placement=colocated"], "sleeps"),
+        (
+            ["placement.devices=colocated", "realloc.placement=colocated", "rollout.num_workers=2"],
+            "must equal",
+        ),
+        (["realloc.backend=gloo"], "realloc.backend='nccl'"),
+        (["placement.devices=colocated"], "realloc.placement='colocated'"),
+        (["placement.devices=gpu"], "allowed values are 'cpu', 'split', 'colocated'"),
+        (["rollout.forced_length_median=9"], "forced_length_median=9"),
+    ],
+)
+def test_device_placement_errors_name_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(GPU_RECIPE, overrides)
+
+
+def test_gpu_recipe_loads_for_both_placements():
+    split = load_config(GPU_RECIPE)
+    assert (split.placement.devices, split.rollout.engine, split.realloc.placement) == (
+        "split",
+        "vllm",
+        "split",
+    )
+    colocated = load_config(GPU_RECIPE, ["placement.devices=colocated", "realloc.placement=colocated"])
+    assert colocated.placement.devices == "colocated"
+
+
+def test_forced_lengths_are_fixed_per_sample_and_lognormal():
+    lengths = [forced_length(256, 1.0, 2048, g, i) for g in range(500) for i in range(4)]
+    assert lengths == [forced_length(256, 1.0, 2048, g, i) for g in range(500) for i in range(4)]
+    assert min(lengths) >= 1 and max(lengths) == 2048  # the cap is reached (~2% of samples)
+    assert 230 <= np.median(lengths) <= 285
+    assert 0.005 < np.mean(np.array(lengths) == 2048) < 0.05
+    assert forced_length(256, 0.0, 2048, 3, 1) == 256
+
+
+def _tiny_plan(tp: int):
+    from areal_like.realloc import Qwen2Dims, SourceLayout, make_plan, vllm_destination
+
+    dims = Qwen2Dims(
+        vocab_size=100, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2
+    )
+    specs = dims.specs("float32")
+    plan = make_plan(
+        SourceLayout.replicated(specs, 1), vllm_destination(dims, "float32", 1, tp), 4096, hosts=(0,) * tp
+    )
+    return dims, specs, plan
+
+
+def test_engine_tensors_read_back_as_the_trainer_tensors():
+    from areal_like.realloc.pack import FlatSource, allocate_staging, execute_locally, logical_from_engine
+
+    dims, specs, plan = _tiny_plan(tp=1)
+    gen = torch.Generator().manual_seed(0)
+    weights = {s.name: torch.randn(s.shape, generator=gen) for s in specs}
+    staging = allocate_staging(plan, 0)
+    execute_locally(plan, {0: {n: FlatSource(t.flatten(), 0) for n, t in weights.items()}}, {0: staging})
+    assert "model.layers.0.self_attn.qkv_proj.weight" in staging  # vLLM's fused names and shapes
+    assert staging["model.embed_tokens.weight"].shape == (128, 16)  # vocab padded to 64
+    back = logical_from_engine(plan.dest.ranks[0], staging, specs, dims.tied_aliases)
+    assert set(back) == set(weights) | {"lm_head.weight"}
+    for name, tensor in weights.items():
+        assert torch.equal(back[name], tensor), name
+    assert back["lm_head.weight"] is back["model.embed_tokens.weight"]
+
+
+def test_a_tensor_parallel_rank_cannot_pass_for_the_whole_model():
+    from areal_like.realloc.pack import allocate_staging, logical_from_engine
+
+    _, specs, plan = _tiny_plan(tp=2)
+    with pytest.raises(ValueError, match="not covered exactly once"):
+        logical_from_engine(plan.dest.ranks[0], allocate_staging(plan, 0), specs)
+
+
+def test_useful_flops_count_matmuls_and_causal_attention():
+    from types import SimpleNamespace
+
+    from areal_like.bench.trainer import useful_flops
+
+    cfg = SimpleNamespace(
+        hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=16, vocab_size=10, head_dim=None,
+    )  # fmt: skip
+    # per layer: q 8x8 + k,v 2x(8x4) + o 8x8 + mlp 3x(8x16) = 64+64+64+384 = 576; x2 layers + head 80 = 1232
+    assert useful_flops(cfg, [3, 5]) == 6 * 1232 * 8 + 6 * 2 * 8 * (9 + 25)
+
+
+def test_sharing_cpu_tensors_over_cuda_ipc_is_refused():
+    from areal_like.realloc.ipc import share_tensors
+
+    with pytest.raises(ValueError, match="only CUDA tensors"):
+        share_tensors({"w": torch.zeros(2)})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_engine_without_vllm_says_what_to_do():
+    from rollout.vllm_adapter import check_version
+
+    with pytest.raises(ImportError, match=r"vllm==0\.25\.1.*rollout.engine='hf'"):
+        check_version()
+
+
+def test_vllm_engine_needs_a_model_directory():
+    from rollout.engine import EngineConfig, make_engine
+
+    with pytest.raises(ValueError, match="model_path"):
+        make_engine(EngineConfig(type="vllm"))
