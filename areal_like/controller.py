@@ -48,6 +48,7 @@ from areal_like.metrics import (
 )
 from areal_like.prompts import PromptSets, load_prompt_records, tokenize_prompts
 from areal_like.staleness import min_allowed_version
+from areal_like.step_metrics import step_metrics
 from areal_like.weight_sync import WeightSync
 from datastore import make_datastore
 from datastore.policies import split_for_ranks, split_imbalance
@@ -379,47 +380,16 @@ class RLController:
         gate = ray.get(self.dispatcher.gate_state.remote())
         self._check_workers()
         health = self.rollout.all_health()  # retired workers' last counters too, so totals never drop
-        tokens = sum(s.num_tokens for s in stats)
-        step_s = wait_s + train_s + sync_s + save_s
-        rewards = [s.reward_mean for s in stats]
-        metrics = {
-            "version": self.version,
-            "reward/mean": float(np.mean(rewards)),
-            "staleness/max": int(max(staleness)),
-            "staleness/mean": float(np.mean(staleness)),
-            "staleness/evicted_groups_total": gate.evicted_total,
-            "staleness/gate_running": gate.running,
-            "staleness/gate_accepted": gate.accepted,
-            "train/loss": float(np.mean([s.loss for s in stats])),
-            "train/clip_frac": float(np.mean([s.clip_frac for s in stats])),
-            "train/imp_weight_mean": float(np.mean([s.imp_weight_mean for s in stats])),
-            "train/imp_weight_max": float(max(s.imp_weight_max for s in stats)),
-            "train/imp_weight_capped_frac": float(np.mean([s.capped_frac for s in stats])),
-            "train/logp_mismatch": float(np.mean([s.behav_prox_logp_diff for s in stats])),
-            "train/grad_norm": stats[0].grad_norm,
-            "train/lr": stats[0].lr,
-            "train/adv_abs_mean": float(np.mean([s.adv_abs_mean for s in stats])),
-            "train/num_tokens": tokens,
-            "rollout/response_len_mean": tokens / max(len(batch), 1),
-            "rollout/samples_total": sum(h.samples_done for h in health),
-            "rollout/reward_errors_total": sum(h.reward_errors for h in health),
-            "rollout/reward_timeouts_total": sum(h.reward_timeouts for h in health),
-            "rollout/idle_s_total": sum(h.idle_s for h in health),
-            "rollout/groups_filtered_total": sum(h.groups_filtered for h in health),
-            "rollout/groups_abandoned_total": sum(h.groups_abandoned for h in health),
-            "rollout/interrupted_samples_total": sum(h.interrupted_samples for h in health),
-            "rollout/reward_retries_total": sum(h.reward_retries for h in health),
-            "rollout/finish_length_total": sum(h.finish_reasons.get("length", 0) for h in health),
-            **self.rollout.metrics(),
-            "timing/step_s": step_s,
-            "timing/wait_batch_s": wait_s,
-            "timing/train_s": train_s,
-            "timing/train_fetch_s": max(s.fetch_s for s in stats),
-            "timing/train_prox_s": max(s.prox_s for s in stats),
-            "timing/weight_sync_s": sync_s,
-            "timing/checkpoint_s": save_s,
-            "perf/trained_tokens_per_s": tokens / step_s if step_s > 0 else 0.0,
-        }
+        metrics = step_metrics(
+            self.version,
+            staleness,
+            gate,
+            stats,
+            health,
+            len(batch),
+            {"wait_batch": wait_s, "train": train_s, "weight_sync": sync_s, "checkpoint": save_s},
+        )
+        metrics.update(self.rollout.metrics())
         metrics.update(stats[0].metrics)  # the trainer's namespaced keys, already global over ranks
         metrics.update(self.store.stats().as_metrics())
         metrics["datastore/split_imbalance"] = self.split_imbalance

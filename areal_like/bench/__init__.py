@@ -18,3 +18,34 @@ def run(name: str, argv: list[str]) -> int:
     if name not in available():
         raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(available()) or 'none'}")
     return importlib.import_module(f"areal_like.bench.{name}").main(argv)
+
+
+def emit(result: dict, out: str | None) -> None:
+    """Print ``result`` as the benchmark's last line (JSON), and write it to ``out`` when given."""
+    import json
+
+    line = json.dumps(result)
+    if out:
+        with open(out, "w") as f:
+            f.write(line + "\n")
+    print(line)
+
+
+def device_copy_seconds(nbytes: int, repeats: int, device) -> list[float]:
+    """The colocated floor: one device-to-device copy of ``nbytes``, seconds per repeat (a warm-up
+    copy first, not counted)."""
+    import time
+
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for rep in range(repeats + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        if rep:
+            times.append(time.perf_counter() - start)
+    return times

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import tempfile
 import time
 
 import numpy as np
+
+from areal_like.bench import emit
 
 
 def lognormal_lengths(n: int, median: int, cap: int, seed: int, sigma: float = 1.0) -> list[int]:
@@ -118,13 +119,5 @@ def main(argv: list[str]) -> int:
     print(f"  raw LLM.generate   {result['raw_tokens_per_s']:>10.0f} tok/s  ({raw_s:.1f}s)")
     print(f"  ours (VLLMEngine)  {result['ours_tokens_per_s']:>10.0f} tok/s  ({ours_s:.1f}s)")
     print(f"  ours / raw = {result['ours_over_raw']:.3f}")
-    _emit(result, args.out)
+    emit(result, args.out)
     return 0
-
-
-def _emit(result: dict, out: str | None) -> None:
-    line = json.dumps(result)
-    if out:
-        with open(out, "w") as f:
-            f.write(line + "\n")
-    print(line)

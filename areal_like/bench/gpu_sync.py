@@ -20,13 +20,14 @@ and, with ``--verify``, whether the engine's weights hash equal to the trainer's
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
 import tempfile
 import time
 import traceback
+
+from areal_like.bench import device_copy_seconds, emit
 
 BUCKET_MB = 256
 
@@ -64,11 +65,7 @@ def main(argv: list[str]) -> int:
     print(f"  trainer -> vLLM engine (paused, loaded, resumed)  median {sync:.4f}s  all {result['sync_s']}")
     print(f"  floor ({result['floor']})  median {floor:.4f}s  all {result['floor_s']}")
     print(f"  sync / floor = {result['ratio']:.2f}x; weights verified: {result.get('verified')}")
-    line = json.dumps(result)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(line + "\n")
-    print(line)
+    emit(result, args.out)
     return 0
 
 
@@ -152,16 +149,7 @@ def _colocated(args, model_dir: str) -> dict:
     engine.close()  # frees the engine's memory (and its arena) before the floor's two buffers
     executor.close()
     del arena, sources
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    floor_s = []
-    for rep in range(args.repeats + 1):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize()
-        if rep:
-            floor_s.append(round(time.perf_counter() - start, 5))
+    floor_s = [round(t, 5) for t in device_copy_seconds(nbytes, args.repeats, "cuda")]
     return dict(
         gpu=torch.cuda.get_device_name(0),
         nbytes=nbytes,

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.multiprocessing as mp
 
+from areal_like.bench import device_copy_seconds
 from areal_like.realloc import ReallocConfig, SourceLayout, hf_destination, make_plan, vllm_destination
 from areal_like.realloc.ipc import colocated_hosts
 from areal_like.realloc.plan import Plan
@@ -270,15 +271,7 @@ def _ipc_member(index: int, args: argparse.Namespace, port: int, tmp: str) -> Me
     nbytes = sum(
         t.numel() * t.element_size() for t in {id(v): v for v in staging[hosted[0]].values()}.values()
     )
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    floor_s = []
-    for _ in range(args.repeats + 1):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize()
-        floor_s.append(time.perf_counter() - start)
+    floor_s = device_copy_seconds(nbytes, args.repeats, device)  # warm-up copy already left out
     # Unmap the engines' arenas before they may exit (CUDA IPC: the producer outlives consumers);
     # close() drops the executor's views and returns on member 0 once every trainer has closed.
     del staging
@@ -286,7 +279,7 @@ def _ipc_member(index: int, args: argparse.Namespace, port: int, tmp: str) -> Me
     executor.close()
     if index == 0:
         open(os.path.join(tmp, "done"), "w").close()
-    return MemberResult(index, "trainer", plan_s[1:], floor_s[1:], None)
+    return MemberResult(index, "trainer", plan_s[1:], floor_s, None)
 
 
 def _barrier(group, name: str, num_members: int) -> None:

@@ -24,6 +24,8 @@ import os
 import shutil
 import tempfile
 
+from areal_like.bench import emit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -140,9 +142,5 @@ def main(argv: list[str]) -> int:
         ),
     }
     print(f"async (eta={best_eta}) / sync = {result['async_over_sync']}")
-    line = json.dumps(result)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(line + "\n")
-    print(line)
+    emit(result, args.out)
     return 0
