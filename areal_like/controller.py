@@ -215,15 +215,15 @@ class RLController:
             # vLLM sizes its KV cache from the GPU memory free at start: let the trainer settle first.
             self._wait([t.ping.remote() for t in self.trainers], "trainer", "start")
         self.workers = [make_worker(i) for i in range(cfg.rollout.num_workers)]
-        # The plan path needs a fixed membership: workers are not replaced there.
-        restarts = 0 if cfg.realloc.enabled else cfg.rollout.max_restarts
         self.rollout = RolloutSupervisor(
             self.workers,
             self.dispatcher,
             cfg.rollout.health_timeout_s,
             cfg.rollout.min_active_workers,
             make_worker=make_worker,
-            max_restarts=restarts,
+            max_restarts=cfg.rollout.max_restarts,
+            # on the plan path a replacement must join the rebuilt group before it generates
+            defer_start=cfg.realloc.enabled,
         )
         self._wait([t.ping.remote() for t in self.trainers], "trainer", "start")
         self.weights = WeightSync(cfg, self.model_path, self.trainers, self.rollout, self._wait)
@@ -394,6 +394,7 @@ class RLController:
         metrics.update(self.store.stats().as_metrics())
         metrics["datastore/split_imbalance"] = self.split_imbalance
         metrics["datastore/lost_groups_total"] = gate.lost_total
+        metrics["realloc/group_rebuilds_total"] = self.weights.rebuilds_total
         self.metrics.log(self.step, metrics)
         if self.step % self.config.run.log_every == 0 or self.step == self.config.train.max_steps:
             print(progress_line(self.step, self.config.train.max_steps, metrics), flush=True)

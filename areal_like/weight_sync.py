@@ -7,7 +7,10 @@ Two paths behind one ``push(version)``:
 - reallocation plan (``realloc.enabled``): built once from the model config (trainer layout from
   ``train.zero_stage`` / ``num_ranks`` -> HF engines); every step the trainer ranks send their parts
   in buckets over the plan's own process group and each worker stages all of them before its engine
-  swaps. Every member takes part in every transfer, so a worker cannot be retired on this path.
+  swaps. Every member takes part in every transfer. When the rotation changed (a worker retired
+  and replaced) or a transfer failed (a member died or timed out), every member joins a fresh group
+  on a new port with the current rotation and the transfer runs once more; replacements start
+  generating only after that sync.
 Either way ``push`` returns only when every engine reports the new version; the controller advances
 the dispatcher after that.
 vLLM engines (``rollout.engine: vllm``) take the same two paths: the object-store weights reach the
@@ -37,14 +40,26 @@ class WeightSync:
         self.trainers = trainers
         self.rollout = rollout
         self._wait = wait
+        self.model_path = model_path
         self.members: list = []
+        self.member_ids: list[int] = []
         self.colocated = False
+        self.rebuilds_total = 0
         if config.realloc.enabled:
             self._join_plan(model_path)
 
     def push(self, version: int) -> None:
         if self.config.realloc.enabled:
-            self._push_by_plan(version)
+            if self.rollout.active_ids != self.member_ids:  # a worker was retired and replaced
+                self._rebuild("the rollout workers changed")
+            try:
+                self._push_by_plan(version)
+            except Exception as err:  # a member died or timed out mid-transfer; engines kept old weights
+                logger.error("weights v%d through the plan failed (%s); rebuilding the group", version, err)
+                self.rollout.check()  # retires the dead (and replaces them, unstarted)
+                self._rebuild(f"transfer of v{version} failed")
+                self._push_by_plan(version)  # a second failure ends the run
+            self.rollout.start_replacements()
             return
         refs = [t.export_weights.remote() for t in self.trainers]
         self._wait(refs, "trainer", "export weights")
@@ -63,6 +78,11 @@ class WeightSync:
             logger.error("engine weights differ from the trainer's after the last sync")
         return all(d == trainer for d in engines), trainer
 
+    def _rebuild(self, why: str) -> None:
+        self.rebuilds_total += 1
+        logger.warning("rebuilding the weight-reallocation group (%s)", why)
+        self._join_plan(self.model_path)
+
     def _join_plan(self, model_path: str) -> None:
         from transformers import AutoConfig
 
@@ -71,6 +91,7 @@ class WeightSync:
 
         cfg = self.config
         self.members = list(self.rollout.active)
+        self.member_ids = list(self.rollout.active_ids)
         self.colocated = cfg.placement.devices == "colocated"
         dims = Qwen2Dims.from_config(AutoConfig.from_pretrained(model_path, local_files_only=True))
         n, m = len(self.trainers), len(self.members)

@@ -71,9 +71,13 @@ class RolloutSupervisor:
         min_active: int = 1,
         make_worker: Callable[[int], Any] | None = None,
         max_restarts: int = 0,
+        defer_start: bool = False,
     ) -> None:
         """``make_worker(worker_id)`` builds a replacement actor; with it, up to ``max_restarts``
-        retired workers are replaced, synced to the last weights and started before rejoining."""
+        retired workers are replaced, synced to the last weights and started before rejoining.
+        ``defer_start`` (weights through the reallocation plan, whose group must be rebuilt first): a
+        replacement joins the rotation unstarted; the weight sync starts it (``start_replacements``)
+        once it holds the current weights."""
         if not workers:
             raise ValueError("RolloutSupervisor: no rollout workers")
         if not 1 <= min_active <= len(workers):
@@ -92,6 +96,8 @@ class RolloutSupervisor:
         self._max_restarts = max_restarts
         self.restarts_total = 0
         self._weights: tuple[Any, int] | None = None  # the last (weights ref, version) sent
+        self._defer_start = defer_start
+        self._unstarted: set[int] = set()
 
     @property
     def active(self) -> list[Any]:
@@ -200,9 +206,24 @@ class RolloutSupervisor:
                 f"rollout.min_active_workers={self._min_active}; retired: {history}"
             )
 
+    def start_replacements(self) -> None:
+        """Start the replacements made with ``defer_start`` (call once they hold the current weights)."""
+        for wid in sorted(self._unstarted):
+            if wid in self._active:
+                ray.get(self._active[wid].start.remote(), timeout=_RESTART_TIMEOUT_S)
+                logger.warning("rollout worker %d synced and started", wid)
+        self._unstarted.clear()
+
     def _replace(self, wid: int) -> None:
-        """A fresh actor for worker ``wid``: synced to the last weights, started, back in rotation."""
+        """A fresh actor for worker ``wid``: synced to the last weights, started, back in rotation
+        (with ``defer_start``: in rotation but unstarted until the next weight sync)."""
         handle = self._make_worker(wid)
+        if self._defer_start:
+            self._active[wid] = handle
+            self._unstarted.add(wid)
+            self.restarts_total += 1
+            logger.warning("rollout worker %d replaced; it starts after the next weight sync", wid)
+            return
         if self._weights is not None:
             ref, version = self._weights
             loaded = ray.get(handle.update_weights.remote(ref, version), timeout=_RESTART_TIMEOUT_S)

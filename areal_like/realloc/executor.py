@@ -158,11 +158,12 @@ class ReallocExecutor:
         stats.seconds = time.perf_counter() - start
         return stats
 
-    def close(self) -> None:
-        """Drop the cached views (colocated: the mapped engine arenas) and leave the group."""
+    def close(self, wait_s: float = 10.0) -> None:
+        """Drop the cached views (colocated: the mapped engine arenas) and leave the group (member 0
+        waits up to ``wait_s`` for the others to leave before its store goes)."""
         self._copy_cache.clear()
         self._copy_signature = ()
-        self.group.close()
+        self.group.close(wait_s)
 
     # ---- the transfer ----------------------------------------------------------------------------
     def _run(self, version: int, sources, staging) -> TransferStats:

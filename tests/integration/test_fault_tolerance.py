@@ -1,7 +1,9 @@
-"""A rollout worker killed mid-run is replaced, re-synced and put back; the run finishes."""
+"""A rollout worker killed mid-run is replaced, re-synced and put back; the run finishes. With the
+weight-reallocation plan, the plan's group is rebuilt around the replacement first."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -30,7 +32,17 @@ def descendants(pid: int) -> list[tuple[int, str]]:
     return found
 
 
-def test_a_killed_rollout_worker_is_restarted_and_the_run_finishes(tmp_path):
+REALLOC = [
+    "realloc.enabled=true",
+    "realloc.backend=gloo",
+    "realloc.bucket_mb=1",
+    "realloc.timeout_s=15",
+    "realloc.connect_timeout_s=120",
+]
+
+
+@pytest.mark.parametrize("weights", ["object_store", "realloc_plan"])
+def test_a_killed_rollout_worker_is_restarted_and_the_run_finishes(tmp_path, weights):
     run_dir = tmp_path / "run"
     cmd = cli_train(
         *TINY,
@@ -38,6 +50,7 @@ def test_a_killed_rollout_worker_is_restarted_and_the_run_finishes(tmp_path):
         "train.max_steps=8",
         "eval.enabled=false",
         "run.plot=false",
+        *(REALLOC if weights == "realloc_plan" else []),
     )
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = run_dir / "metrics.jsonl"
@@ -56,7 +69,13 @@ def test_a_killed_rollout_worker_is_restarted_and_the_run_finishes(tmp_path):
     assert [r["step"] for r in records] == list(range(1, 9))  # the run went on to the end
     assert records[-1]["rollout/engines_restarted_total"] >= 1
     assert records[-1]["rollout/engines_active"] == 1  # back in rotation
-    assert "restarted and back in rotation" in output
+    if weights == "realloc_plan":
+        assert "rebuilding the weight-reallocation group" in output
+        assert "synced and started" in output
+    else:
+        assert "restarted and back in rotation" in output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["engines_in_sync"]  # the replacement holds the trainer's weights (sha256)
 
 
 def test_the_launcher_resumes_a_failed_run_a_bounded_number_of_times(tmp_path):
