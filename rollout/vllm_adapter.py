@@ -205,10 +205,6 @@ async def wake(llm: Any, tags: list[str] | None = None) -> None:
     await llm.wake_up(tags)
 
 
-async def is_sleeping(llm: Any) -> bool:
-    return bool(await llm.is_sleeping())
-
-
 async def rpc(llm: Any, method: str, *args: Any, timeout_s: float | None = None) -> Any:
     """Call ``WeightExtension.<method>`` in the engine's worker; returns the (single) worker's result.
     Arguments and results must be plain data (bytes, str, numbers): vLLM's msgpack channel turns

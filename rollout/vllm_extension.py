@@ -98,9 +98,6 @@ class WeightExtension:
         logical = logical_from_engine(layout.ranks[0], params, dims.specs(dtype), dims.tied_aliases)
         return state_dict_digest(logical)
 
-    def areal_param_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.get_model().parameters())
-
     def _areal_check_names(self, plan, engine_rank: int) -> None:
         params = dict(self.get_model().named_parameters())
         for t in plan.dest.ranks[engine_rank]:

@@ -143,7 +143,7 @@ def _colocated(args, model_dir: str) -> dict:
             sync_s.append(round(time.perf_counter() - start, 5))
             write_s.append(round(written - start, 5))
             phases.append({k: round(v, 5) for k, v in engine.last_swap_s.items()})
-    nbytes = sum(t.numel() * t.element_size() for name, t in arena.items())
+    nbytes = sum(t.numel() * t.element_size() for t in arena.values())
     verified = engine.weights_digest() == _digest(trainer) if args.verify else None
     busy = engine.load()
     engine.close()  # frees the engine's memory (and its arena) before the floor's two buffers
