@@ -26,8 +26,6 @@ import itertools
 import json
 import logging
 import os
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -49,6 +47,7 @@ from areal_like.metrics import (
 from areal_like.prompts import PromptSets, load_prompt_records, tokenize_prompts
 from areal_like.staleness import min_allowed_version
 from areal_like.step_metrics import step_metrics
+from areal_like.stop import StopRequest
 from areal_like.weight_sync import WeightSync
 from datastore import make_datastore
 from datastore.policies import split_for_ranks, split_imbalance
@@ -89,13 +88,14 @@ class RLController:
         self.step = 0
         self.version = 0
         self.staleness_max_seen = 0
+        self.stop = StopRequest()
 
     # ---- the loop ----------------------------------------------------------------------------------
     def run(self) -> RunSummary:
         self.prompt_records = load_prompt_records(self.config.task, self.config.run.seed)
         self.prepare_run_dir()
         self.start_ray()
-        restore_signals = self.install_signal_handlers()
+        restore_signals = self.stop.install()
         try:
             self.build()
             resumed_from = self.maybe_resume()
@@ -109,7 +109,7 @@ class RLController:
             eval_before = self.evaluate("before") if resumed_from is None else None
             self.start_rollouts()
             started = time.perf_counter()
-            while self.step < self.config.train.max_steps and self.stop_signal is None:
+            while self.step < self.config.train.max_steps and self.stop.received is None:
                 batch, wait_s = self.wait_for_batch()
                 stats, train_s = self.train(batch)
                 if stats is None:
@@ -122,10 +122,10 @@ class RLController:
             train_seconds = time.perf_counter() - started
             self.stop_rollouts()
             self.engines_in_sync, self.final_digest = self.weights.engines_match_trainer()
-            if self.stop_signal is not None:
+            if self.stop.received is not None:
                 self.maybe_checkpoint(force=True)
                 saved = "checkpoint saved" if self.config.run.save_checkpoints else "no checkpoint (disabled)"
-                print(f"stopped by {self.stop_signal} after step {self.step}; {saved}", flush=True)
+                print(f"stopped by {self.stop.received} after step {self.step}; {saved}", flush=True)
                 return self.finish(first_step, eval_before, None, train_seconds)
             eval_after = self.evaluate("after")
             return self.finish(first_step, eval_before, eval_after, train_seconds)
@@ -134,26 +134,6 @@ class RLController:
             self.shutdown()
 
     # ---- steps -------------------------------------------------------------------------------------
-    def install_signal_handlers(self):
-        """First SIGINT/SIGTERM: finish the current step, checkpoint, shut down cleanly. A second
-        one aborts at once (actors are still killed by ``shutdown``)."""
-        self.stop_signal = None
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-
-        def on_signal(signum, _frame):
-            if self.stop_signal is not None:
-                raise KeyboardInterrupt
-            self.stop_signal = signal.Signals(signum).name
-            print(
-                f"\n{self.stop_signal}: stopping after this step and saving a checkpoint "
-                "(send it again to abort without saving)",
-                flush=True,
-            )
-
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
-
     def prepare_run_dir(self) -> None:
         os.makedirs(self.run_dir, exist_ok=True)
         with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
@@ -452,7 +432,7 @@ class RLController:
             train_seconds=train_seconds,
             final_weights_digest=self.final_digest,
             engines_in_sync=self.engines_in_sync,
-            stopped_by=self.stop_signal,
+            stopped_by=self.stop.received,
             start_weights_digest=self.start_digest,
         )
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
