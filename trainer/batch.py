@@ -226,13 +226,14 @@ def collate_packed(
 def collate_micro_batch(
     samples: list[SequenceSample], indices: list[int], packing: bool, attn_implementation: str, pad_id: int
 ) -> MicroBatch:
-    """The layout the config asks for. Varlen flash-attention packs a whole micro-batch into one
-    row; sdpa/eager build a dense block-diagonal mask per row, so their rows stay as long as the
-    longest sequence (attention cost ~ tokens x longest, not tokens^2)."""
+    """The layout the config asks for. Varlen flash-attention and flex-attention (whose block mask
+    skips the blocks between sequences) pack a whole micro-batch into one row; sdpa/eager build a
+    dense block-diagonal mask per row, so their rows stay as long as the longest sequence
+    (attention cost ~ tokens x longest, not tokens^2)."""
     if not packing:
         return collate(samples, indices, pad_id)
-    varlen = attn_implementation.startswith("flash")
-    row_tokens = None if varlen else max(samples[i].length for i in indices)
+    one_row = attn_implementation.startswith("flash") or attn_implementation == "flex_attention"
+    row_tokens = None if one_row else max(samples[i].length for i in indices)
     return collate_packed(samples, indices, row_tokens, pad_id)
 
 

@@ -123,7 +123,9 @@ class TrainConfig:
     """ZeRO-Offload: optimizer states and step on the CPU (needs zero_stage >= 1; DeepSpeed JIT-builds
     its CPU Adam on first use, 1-2 minutes)."""
     attn_implementation: str = "sdpa"
-    """transformers attention backend: sdpa (CPU and GPU), eager, or flash_attention_2 (GPU)."""
+    """transformers attention backend: sdpa (CPU and GPU), eager, flex_attention (GPU: packed rows
+    without the attention between sequences; its kernels compile on first use, backward is GPU-only),
+    or flash_attention_2 (GPU, needs the flash-attn package)."""
     optimizer: str = "adamw"
     """adamw, or sgd (plain SGD, for exact-gradient tests)."""
     lr: float = 1e-3
@@ -149,8 +151,8 @@ class TrainConfig:
     micro_batch_size sequences."""
     packing: bool = True
     """Pack sequences without padding (position ids restart per sequence, attention never crosses
-    them). With flash_attention_2 one packed row per micro-batch; with sdpa/eager rows as long as
-    the longest sequence, which keeps the quadratic attention cost down on CPU."""
+    them). With flash_attention_2 or flex_attention one packed row per micro-batch; with sdpa/eager
+    rows as long as the longest sequence, which keeps the quadratic attention cost down."""
     balance: str = "kk"
     """Spread the global batch over data-parallel ranks by token count: kk (Karmarkar-Karp), ffd
     (greedy, longest first), or none (keep the controller's shards)."""

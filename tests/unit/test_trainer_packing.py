@@ -8,7 +8,7 @@ import torch
 
 from areal_like.algorithms import token_logprobs
 from areal_like.models import ModelBuildConfig, make_model
-from trainer.batch import ResponseLayout, SequenceSample, collate, collate_packed
+from trainer.batch import ResponseLayout, SequenceSample, collate, collate_micro_batch, collate_packed
 from trainer.engine import lr_multiplier
 from trainer.packing import balanced_partition, imbalance, keep_local, plan_micro_batches
 
@@ -107,6 +107,32 @@ def test_packed_and_padded_micro_batches_give_the_same_log_probs():
     torch.testing.assert_close(results[2], results[0], atol=1e-5, rtol=0)
     packed = collate_packed(samples, indices, row_tokens=None)
     assert packed.input_ids.shape[0] == 1 and packed.num_slots == sum(s.length for s in samples)
+
+
+@pytest.mark.slow
+def test_flex_attention_packs_one_row_and_keeps_sequences_apart():
+    """flex_attention takes the one-row layout; its block mask (built by transformers from the
+    restarting position ids) must give every sequence the log-probs it has alone. Forward only:
+    flex-attention's backward runs on GPUs only; the kernel compiles on first use (~10 s)."""
+    rng = np.random.default_rng(2)
+    samples = [sample(p, r, rng) for p, r in [(4, 30), (6, 12), (3, 1), (5, 70)]]
+    indices = list(range(len(samples)))
+    packed = collate_micro_batch(samples, indices, True, "flex_attention", 0)
+    assert packed.input_ids.shape[0] == 1
+    assert collate_micro_batch(samples, indices, True, "sdpa", 0).input_ids.shape[0] > 1
+    sdpa, _ = make_model(ModelBuildConfig(hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1))
+    sdpa.eval()
+    flex = type(sdpa)(sdpa.config).eval()
+    flex.load_state_dict(sdpa.state_dict())
+    flex.set_attn_implementation("flex_attention")
+    layout = ResponseLayout.of(samples)
+    results = []
+    for model, micro in ((sdpa, collate(samples, indices)), (flex, packed)):
+        out = layout.zeros()
+        with torch.no_grad():
+            micro.gather_into(token_logprobs(model(**micro.model_inputs()).logits, micro.targets), out)
+        results.append(out)
+    torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=0)
 
 
 def test_scatter_then_gather_round_trips_the_response_layout():
