@@ -14,7 +14,7 @@ for what in ${WHAT:-test sync async}; do
     test)  timeout 300 python -m pytest -q -m gpu tests/gpu/test_gpu_runs.py -k split -p no:cacheprovider 2>&1 | quiet ;;
     sync)  timeout 240 python -m areal_like.cli bench gpu_sync --shape 1.5b --placement split --verify \
              --model-dir "$models/1.5b" --out "$out/gpu_sync_split_1.5b.json" 2>&1 | quiet
-           [ "${SYNC7:-0}" = 1 ] && timeout 300 python -m areal_like.cli bench gpu_sync --shape 7b --placement split \
+           [ "${SYNC7:-0}" = 1 ] && timeout 400 python -m areal_like.cli bench gpu_sync --shape 7b --placement split --verify \
              --model-dir "$models/7b" --out "$out/gpu_sync_split_7b.json" 2>&1 | quiet ;;
     async) timeout ${LIMIT:-560} python -m areal_like.cli bench rl_async --etas 0,4 --steps 6 --warmup 2 \
              --median 192 --cap 768 --groups 16 --group-size 8 --eager --workdir /tmp/rl-async \

@@ -175,10 +175,15 @@ def collate(samples: list[SequenceSample], indices: list[int], pad_id: int = 0) 
 
 
 def collate_packed(
-    samples: list[SequenceSample], indices: list[int], row_tokens: int | None, pad_id: int = 0
+    samples: list[SequenceSample],
+    indices: list[int],
+    row_tokens: int | None,
+    pad_id: int = 0,
+    width: int | None = None,
 ) -> MicroBatch:
     """Pack ``samples[i] for i in indices`` into rows of at most ``row_tokens`` tokens (first fit,
-    longest first; None = a single row), padding rows to the longest."""
+    longest first; None = a single row), padding rows to the longest, or to ``width`` when that is
+    longer (one shape for every micro-batch, so a compiled kernel is not recompiled per length)."""
     assert indices, "collate_packed needs at least one sample"
     order = sorted(indices, key=lambda i: -samples[i].length)
     capacity = row_tokens if row_tokens is not None else sum(samples[i].length for i in indices)
@@ -195,7 +200,7 @@ def collate_packed(
         else:
             row_members.append([i])
             row_fill.append(n)
-    num_rows, width = len(row_members), max(row_fill)
+    num_rows, width = len(row_members), max(max(row_fill), width or 0)
     input_ids = torch.full((num_rows, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((num_rows, width), dtype=torch.long)
     targets = torch.zeros((num_rows, width), dtype=torch.long)

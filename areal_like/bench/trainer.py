@@ -9,8 +9,9 @@ the token log-probs and a backward pass of a fresh Qwen2 model, laid out three w
   padded-budget: token-budget micro-batches of length-sorted sequences (little padding left)
   packed-budget: token-budget micro-batches packed without padding (position ids restart); with sdpa
                  rows are as long as the longest sequence (a dense block-diagonal mask per row)
-  packed-flex:   (GPU) the same micro-batches as one row each under flex-attention, whose block mask
-                 skips the blocks between sequences (the kernel compiles during the warm-up)
+  packed-flex:   (GPU) the same micro-batches as one row each (padded to the budget: one shape) under
+                 flex-attention, whose block mask skips the blocks between sequences (the kernel
+                 compiles during the warm-up)
 Tokens/s counts real tokens only; padding is reported as a fraction of the positions computed. It
 also prints how evenly the mix splits over 8 data-parallel ranks (Karmarkar-Karp vs dealing).
 On a GPU it reports model FLOPs utilisation: useful FLOPs (6 x matmul parameters x real tokens, plus
@@ -22,6 +23,7 @@ The pass is forward, log-probs and backward (no optimizer step, which is O(param
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 
@@ -30,7 +32,7 @@ import torch
 
 from areal_like.algorithms import token_logprobs
 from areal_like.bench import emit
-from trainer.batch import MicroBatch, SequenceSample, collate, collate_micro_batch
+from trainer.batch import MicroBatch, SequenceSample, collate, collate_micro_batch, collate_packed
 from trainer.packing import balanced_partition, imbalance, plan_micro_batches
 
 
@@ -58,7 +60,8 @@ def layouts(
     lengths = [s.length for s in samples]
     arrival = list(range(len(samples)))
     packed = [mb for mb in plan_micro_batches(lengths, budget, fixed_size, packed=True) if mb]
-    extra = {"packed-flex": [collate_micro_batch(samples, mb, True, "flex_attention", 0) for mb in packed]}
+    # one row per micro-batch, every row `budget` wide: one shape, so flex-attention compiles once
+    extra = {"packed-flex": [collate_packed(samples, mb, None, 0, width=budget) for mb in packed]}
     return {
         "padded-fixed": [
             collate(samples, arrival[i : i + fixed_size]) for i in range(0, len(arrival), fixed_size)
@@ -98,6 +101,34 @@ def time_pass(model, micro_batches: list[MicroBatch], device) -> float:
         torch.cuda.synchronize()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - start
+
+
+def summarise(context: dict, results: dict[str, dict], samples: list[SequenceSample]) -> dict:
+    """The JSON line: per-layout figures, the best packed layout against both padded ones (when
+    measured), and how evenly the mix splits over 8 ranks (dealt vs Karmarkar-Karp)."""
+    lengths = [s.length for s in samples]
+    dealt = [sum(lengths[r::8]) for r in range(8)]
+    kk = [sum(lengths[i] for i in p) for p in balanced_partition(lengths, 8, "kk")]
+    summary = dict(context)
+    summary.update({f"{name}_tokens_per_s": round(r["tokens_per_s"], 1) for name, r in results.items()})
+    summary.update({f"{name}_pad_frac": round(r["pad_frac"], 4) for name, r in results.items()})
+    summary.update({f"{name}_mfu": round(r["mfu"], 4) for name, r in results.items() if r["mfu"] is not None})
+    packed = [n for n in results if n.startswith("packed")]
+    if packed:
+        best = max(packed, key=lambda n: results[n]["tokens_per_s"])
+        summary["best_packed"] = best
+        for padded in ("padded-fixed", "padded-budget"):
+            if padded in results:
+                ratio = results[best]["tokens_per_s"] / results[padded]["tokens_per_s"]
+                summary[f"packed_vs_{padded.replace('-', '_')}"] = round(ratio, 3)
+    summary["rank_imbalance_8_dealt"] = round(imbalance(dealt), 4)
+    summary["rank_imbalance_8_kk"] = round(imbalance(kk), 4)
+    return summary
+
+
+def emit_quietly(summary: dict, out: str) -> None:
+    with open(out, "w") as f:
+        f.write(json.dumps(summary) + "\n")
 
 
 def main(argv: list[str]) -> int:
@@ -153,12 +184,24 @@ def main(argv: list[str]) -> int:
     samples = long_tailed_samples(args.num_seqs, vocab=model.config.vocab_size, seed=args.seed)
     real_tokens = sum(s.length for s in samples)
     peak = peak_flops(device)
-    results = {}
+    results: dict[str, dict] = {}
     flex = device.type == "cuda" and not args.no_flex
+    context = dict(
+        bench="trainer",
+        device=device.type,
+        attn=attn,
+        num_seqs=args.num_seqs,
+        real_tokens=real_tokens,
+        budget=args.budget,
+        shape=args.shape,
+        grad_ckpt=args.grad_ckpt,
+        gpu=torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+    )
     for name, micro_batches in layouts(samples, args.budget, args.fixed_size, attn, flex).items():
         model.set_attn_implementation("flex_attention" if name == "packed-flex" else attn)
-        time_pass(model, micro_batches[:2], device)  # warm-up (two shapes: flex compiles dynamic)
+        time_pass(model, micro_batches[:2], device)  # warm-up (and compile, for flex)
         seconds = min(time_pass(model, micro_batches, device) for _ in range(args.repeats))
+        print(f"[bench trainer] {name}: {seconds:.2f}s per pass", flush=True)
         slots = sum(m.num_slots for m in micro_batches)
         results[name] = dict(
             tokens_per_s=real_tokens / seconds,
@@ -167,10 +210,10 @@ def main(argv: list[str]) -> int:
             pad_frac=1.0 - real_tokens / slots,
             mfu=useful_flops(model.config, [s.length for s in samples]) / seconds / peak if peak else None,
         )
+        if args.out:  # what is measured so far survives a run cut short (a slow compile, a timeout)
+            emit_quietly(summarise(context, results, samples), args.out)
 
     lengths = [s.length for s in samples]
-    dealt = [sum(lengths[r::8]) for r in range(8)]
-    kk = [sum(lengths[i] for i in p) for p in balanced_partition(lengths, 8, "kk")]
     print(
         f"trainer micro-batching on {device.type} ({attn}), {args.num_seqs} sequences, {real_tokens} tokens, "
         f"lengths {min(lengths)}-{max(lengths)} (median {int(np.median(lengths))}), budget {args.budget}"
@@ -182,30 +225,10 @@ def main(argv: list[str]) -> int:
             f"{name:<15}{r['tokens_per_s']:>12.0f}{r['seconds']:>10.2f}{r['micro_batches']:>8d}"
             f"{r['pad_frac']:>10.1%}{mfu:>8}"
         )
-    packed_names = [n for n in results if n.startswith("packed")]
-    best_packed = max(packed_names, key=lambda n: results[n]["tokens_per_s"])
-    packed = results[best_packed]["tokens_per_s"]
-    summary = {
-        "bench": "trainer",
-        "device": device.type,
-        "attn": attn,
-        "num_seqs": args.num_seqs,
-        "real_tokens": real_tokens,
-        **{f"{name}_tokens_per_s": round(r["tokens_per_s"], 1) for name, r in results.items()},
-        **{f"{name}_pad_frac": round(r["pad_frac"], 4) for name, r in results.items()},
-        **{f"{name}_mfu": round(r["mfu"], 4) for name, r in results.items() if r["mfu"] is not None},
-        "shape": args.shape,
-        "grad_ckpt": args.grad_ckpt,
-        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-        "best_packed": best_packed,
-        "packed_vs_padded_fixed": round(packed / results["padded-fixed"]["tokens_per_s"], 3),
-        "packed_vs_padded_budget": round(packed / results["padded-budget"]["tokens_per_s"], 3),
-        "rank_imbalance_8_dealt": round(imbalance(dealt), 4),
-        "rank_imbalance_8_kk": round(imbalance(kk), 4),
-    }
+    summary = summarise(context, results, samples)
     print(
-        f"{best_packed} / padded-fixed = {summary['packed_vs_padded_fixed']:.2f}x, "
-        f"{best_packed} / padded-budget = {summary['packed_vs_padded_budget']:.2f}x; "
+        f"{summary['best_packed']} / padded-fixed = {summary['packed_vs_padded_fixed']:.2f}x, "
+        f"{summary['best_packed']} / padded-budget = {summary['packed_vs_padded_budget']:.2f}x; "
         f"8-rank token imbalance (max/mean): dealt {summary['rank_imbalance_8_dealt']:.3f}, "
         f"KK {summary['rank_imbalance_8_kk']:.4f}"
     )

@@ -95,6 +95,7 @@ def test_packed_and_padded_micro_batches_give_the_same_log_probs():
         collate(samples, indices),
         collate_packed(samples, indices, row_tokens=None),  # one row (the varlen layout)
         collate_packed(samples, indices, row_tokens=max(s.length for s in samples)),  # CPU rows
+        collate_packed(samples, indices, row_tokens=None, width=80),  # one row padded to a fixed width
     ):
         with torch.no_grad():
             logp = token_logprobs(model(**micro.model_inputs()).logits, micro.targets)
@@ -105,6 +106,8 @@ def test_packed_and_padded_micro_batches_give_the_same_log_probs():
     assert results[1].shape == results[0].shape
     torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(results[2], results[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(results[3], results[0], atol=1e-5, rtol=0)
+    assert collate_packed(samples, indices, row_tokens=None, width=80).input_ids.shape == (1, 80)
     packed = collate_packed(samples, indices, row_tokens=None)
     assert packed.input_ids.shape[0] == 1 and packed.num_slots == sum(s.length for s in samples)
 
