@@ -123,9 +123,10 @@ class TrainConfig:
     """ZeRO-Offload: optimizer states and step on the CPU (needs zero_stage >= 1; DeepSpeed JIT-builds
     its CPU Adam on first use, 1-2 minutes)."""
     attn_implementation: str = "sdpa"
-    """transformers attention backend: sdpa (CPU and GPU), eager, flex_attention (GPU: packed rows
-    without the attention between sequences; its kernels compile on first use, backward is GPU-only),
-    or flash_attention_2 (GPU, needs the flash-attn package)."""
+    """transformers attention backend: sdpa (CPU and GPU), eager, flex_attention (GPU: one packed row
+    per micro-batch without the attention between sequences, padded to max_tokens_per_micro_batch so
+    its kernels compile once, on the first step; backward is GPU-only), or flash_attention_2 (GPU,
+    needs the flash-attn package)."""
     optimizer: str = "adamw"
     """adamw, or sgd (plain SGD, for exact-gradient tests)."""
     lr: float = 1e-3

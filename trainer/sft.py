@@ -217,7 +217,12 @@ class SFTRank:
             indices = [mine[j] for j in part]
             if indices:
                 micro = collate_micro_batch(
-                    self.samples, indices, cfg.packing, cfg.attn_implementation, self.pad_id
+                    self.samples,
+                    indices,
+                    cfg.packing,
+                    cfg.attn_implementation,
+                    self.pad_id,
+                    cfg.max_tokens_per_micro_batch,
                 )
             else:
                 micro = dummy_micro_batch(self.pad_id)

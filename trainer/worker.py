@@ -246,7 +246,14 @@ class TrainerRank:
         if not indices:
             return dummy_micro_batch(self.pad_id)
         cfg = self.config
-        return collate_micro_batch(samples, indices, cfg.packing, cfg.attn_implementation, self.pad_id)
+        return collate_micro_batch(
+            samples,
+            indices,
+            cfg.packing,
+            cfg.attn_implementation,
+            self.pad_id,
+            cfg.max_tokens_per_micro_batch,
+        )
 
     def _policy_logp(self, micro: MicroBatch) -> torch.Tensor:
         return token_logprobs(self.engine(**micro.model_inputs()).logits, micro.targets, self.temperature)

@@ -32,7 +32,7 @@ import torch
 
 from areal_like.algorithms import token_logprobs
 from areal_like.bench import emit
-from trainer.batch import MicroBatch, SequenceSample, collate, collate_micro_batch, collate_packed
+from trainer.batch import MicroBatch, SequenceSample, collate, collate_micro_batch
 from trainer.packing import balanced_partition, imbalance, plan_micro_batches
 
 
@@ -61,7 +61,9 @@ def layouts(
     arrival = list(range(len(samples)))
     packed = [mb for mb in plan_micro_batches(lengths, budget, fixed_size, packed=True) if mb]
     # one row per micro-batch, every row `budget` wide: one shape, so flex-attention compiles once
-    extra = {"packed-flex": [collate_packed(samples, mb, None, 0, width=budget) for mb in packed]}
+    extra = {
+        "packed-flex": [collate_micro_batch(samples, mb, True, "flex_attention", 0, budget) for mb in packed]
+    }
     return {
         "padded-fixed": [
             collate(samples, arrival[i : i + fixed_size]) for i in range(0, len(arrival), fixed_size)

@@ -34,7 +34,7 @@ def test_flex_packed_row_trains_like_the_padded_batch():
     ]
     indices = list(range(len(samples)))
     packed = collate_micro_batch(samples, indices, True, "flex_attention", 0)
-    assert packed.input_ids.shape[0] == 1 and packed.num_slots == sum(s.length for s in samples)
+    assert packed.input_ids.shape[0] == 1 and packed.num_slots >= sum(s.length for s in samples)
     build = ModelBuildConfig(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4)
     model, _ = make_model(build)
     model = model.to("cuda").train()

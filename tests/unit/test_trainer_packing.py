@@ -120,8 +120,14 @@ def test_flex_attention_packs_one_row_and_keeps_sequences_apart():
     rng = np.random.default_rng(2)
     samples = [sample(p, r, rng) for p, r in [(4, 30), (6, 12), (3, 1), (5, 70)]]
     indices = list(range(len(samples)))
+    total = sum(s.length for s in samples)  # 127 input positions: one row, padded to one compiled shape
     packed = collate_micro_batch(samples, indices, True, "flex_attention", 0)
-    assert packed.input_ids.shape[0] == 1
+    assert packed.input_ids.shape == (1, 128) and packed.num_slots == 128  # next power of two
+    assert collate_micro_batch(samples, indices, True, "flex_attention", 0, budget=200).input_ids.shape == (
+        1,
+        200,
+    )
+    assert total == 127
     assert collate_micro_batch(samples, indices, True, "sdpa", 0).input_ids.shape[0] > 1
     sdpa, _ = make_model(ModelBuildConfig(hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1))
     sdpa.eval()
