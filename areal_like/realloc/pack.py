@@ -7,7 +7,7 @@ these functions, so the byte layout is defined once. Casting to the wire dtype h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -75,18 +75,33 @@ def _dst_view(tensor: torch.Tensor, row: int, col: int, rect: Rect) -> torch.Ten
     return tensor.view(rows, cols)[row : row + rect.rows, col : col + rect.cols]
 
 
+_BIG_PIECE_BYTES = 1 << 20
+
+
 @dataclass
 class CopyList:
     """The destination and source views of one bucket's copies. Built once and reused while the
-    tensors behind them stay put (the executor caches them), then issued in one call: per-piece
-    Python would otherwise cap a colocated copy at host speed (~40 us a piece)."""
+    tensors behind them stay put (the executor caches them). Small pieces go in one
+    ``_foreach_copy_`` (per-piece Python would cap them at host speed, ~40 us a piece); pieces of
+    1 MiB and more get a ``copy_`` each, whose kernel streams large tensors faster than the
+    multi-tensor one (7B on an H100, 57 buckets: 13.8 ms all-foreach, 11.2 ms mixed, 10.1 ms for
+    one flat copy; ``areal-like bench device_copy``)."""
 
     dsts: list[torch.Tensor]
     srcs: list[torch.Tensor]
+    _split: tuple[list, list, list] | None = field(default=None, repr=False)
 
     def run(self) -> None:
-        if self.dsts:
-            torch._foreach_copy_(self.dsts, self.srcs)  # copies and casts pair by pair
+        if self._split is None:
+            pairs = list(zip(self.dsts, self.srcs, strict=True))
+            big = [(d, s) for d, s in pairs if d.numel() * d.element_size() >= _BIG_PIECE_BYTES]
+            small = [(d, s) for d, s in pairs if d.numel() * d.element_size() < _BIG_PIECE_BYTES]
+            self._split = (big, [d for d, _ in small], [s for _, s in small])
+        big, small_dsts, small_srcs = self._split
+        for dst, src in big:
+            dst.copy_(src)  # casts too
+        if small_dsts:
+            torch._foreach_copy_(small_dsts, small_srcs)
 
 
 def pack_copies(plan: Plan, bucket: Bucket, sources: dict[str, FlatSource], buf: torch.Tensor) -> CopyList:

@@ -290,3 +290,23 @@ def test_config_errors_name_the_field_and_the_fix():
         ReallocConfig(placement="colocated")
     with pytest.raises(ValueError, match="bucket_mb"):
         ReallocConfig(bucket_mb=0)
+
+
+def test_copy_lists_copy_big_pieces_one_by_one_and_small_ones_together():
+    from areal_like.realloc.pack import CopyList
+
+    srcs = [torch.randn(1024, 1024), torch.randn(3, 5), torch.randn(700, 1024), torch.randn(7)]
+    arena = torch.zeros(sum(t.numel() for t in srcs), dtype=torch.bfloat16)
+    dsts, offset = [], 0
+    for t in srcs:
+        dsts.append(arena[offset : offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    copies = CopyList(dsts, srcs)
+    copies.run()
+    big, small_dsts, _ = copies._split
+    assert len(big) == 2 and len(small_dsts) == 2  # 2 MiB and 1.4 MiB of bf16 vs two tiny ones
+    for dst, src in zip(dsts, srcs, strict=True):
+        assert torch.equal(dst, src.to(torch.bfloat16))
+    srcs[0].fill_(3.0)  # cached views: a second run copies the sources' new values
+    copies.run()
+    assert bool((dsts[0] == 3.0).all())
