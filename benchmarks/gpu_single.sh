@@ -13,6 +13,7 @@ for what in ${WHAT:-flex rollout sync15 sync7 trainer}; do
     flex)    timeout 300 python -m pytest -q -m gpu tests/gpu/test_flex_packing.py -p no:cacheprovider 2>&1 | tail -3 ;;
     rollout) run gpu_rollout gpu_rollout --shape 1.5b --requests 256 --prompt-len 256 --median 256 --cap 1024 --eager --model-dir "$models/1.5b" ;;
     sync15)  run gpu_sync_colocated_1.5b gpu_sync --shape 1.5b --placement colocated --verify --model-dir "$models/1.5b" ;;
+    copy)    run device_copy_7b device_copy --shape 7b ;;
     sync7)   run gpu_sync_colocated_7b gpu_sync --shape 7b --placement colocated --gpu-mem 0.3 --verify --model-dir "$models/7b" ;;
     trainer) run trainer_1.5b trainer --shape 1.5b --grad-ckpt --num-seqs 256 --budget 16384 --fixed-size 8 --repeats 2 ;;
   esac
