@@ -210,8 +210,25 @@ class ReallocExecutor:
                 raise self._checksum_error(bucket)
         if self.stream is not None:
             self.stream.synchronize()
+        self._check_senders_arrived(version)
         self._flush_progress()
         return stats
+
+    def _check_senders_arrived(self, version: int) -> None:
+        """Every member this one received from must have started ``version`` (it marks that before
+        its first send). A receive that completes although its sender never took part, as a gloo
+        broadcast can when the sender closes its sockets, carries stale bytes: refuse them."""
+        senders = sorted({b.sender for b in self.buckets if not b.is_local and b.sender != self.member})
+        if not senders:
+            return
+        absent = [m for m, done in self.group.progress(version, senders).items() if done is None]
+        if absent:
+            notes = "; ".join(f"{self._name(m)}: not arrived for version {version}" for m in absent)
+            raise ReallocError(
+                f"realloc version {version}: {self._name(self.member)} completed its receives but "
+                f"{notes} (its buckets hold stale bytes; nothing loaded)",
+                [self._name(m) for m in absent],
+            )
 
     def _release(self, item: _InFlight, hosted, unconfirmed: list, checks: list) -> None:
         """Free ``item``'s buffer once its collective is done: on CPU the host waits (with the

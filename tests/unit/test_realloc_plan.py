@@ -310,3 +310,29 @@ def test_copy_lists_copy_big_pieces_one_by_one_and_small_ones_together():
     srcs[0].fill_(3.0)  # cached views: a second run copies the sources' new values
     copies.run()
     assert bool((dsts[0] == 3.0).all())
+
+
+def test_a_receive_whose_sender_never_started_the_version_is_refused():
+    """The receiver's last check: every member it received from marked the version in the store
+    (a gloo broadcast can complete with stale bytes when its sender closes its sockets)."""
+    import socket
+
+    from areal_like.realloc.executor import ReallocExecutor
+    from areal_like.realloc.group import ReallocError, ReallocGroup
+
+    plan = make_plan(
+        SourceLayout.replicated(DIMS.specs("float32"), 1), hf_destination(DIMS, "float32", 1), 4096
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    names = [plan.member_name(m) for m in range(plan.num_members)]
+    trainer = ReallocGroup(0, names, "127.0.0.1", port, "gloo", 5.0, 5.0)  # hosts the store
+    trainer.mark(1, 0)  # the trainer started version 1 only
+    engine = ReallocExecutor(plan, 1, ReallocConfig(timeout_s=5.0), "127.0.0.1", port)
+    engine._check_senders_arrived(1)
+    with pytest.raises(ReallocError, match="trainer rank 0: not arrived for version 2") as err:
+        engine._check_senders_arrived(2)
+    assert err.value.unresponsive == [names[0]]
+    engine.close(wait_s=0.1)
+    trainer.close(wait_s=0.1)
