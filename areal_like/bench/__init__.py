@@ -20,15 +20,17 @@ def run(name: str, argv: list[str]) -> int:
     return importlib.import_module(f"areal_like.bench.{name}").main(argv)
 
 
-def emit(result: dict, out: str | None) -> None:
-    """Print ``result`` as the benchmark's last line (JSON), and write it to ``out`` when given."""
+def emit(result: dict, out: str | None, quiet: bool = False) -> None:
+    """Print ``result`` as the benchmark's last line (JSON; not with ``quiet``), and write it to
+    ``out`` when given."""
     import json
 
     line = json.dumps(result)
     if out:
         with open(out, "w") as f:
             f.write(line + "\n")
-    print(line)
+    if not quiet:
+        print(line)
 
 
 def device_copy_seconds(nbytes: int, repeats: int, device) -> list[float]:

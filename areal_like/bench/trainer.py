@@ -23,7 +23,6 @@ The pass is forward, log-probs and backward (no optimizer step, which is O(param
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 
@@ -60,11 +59,7 @@ def layouts(
     lengths = [s.length for s in samples]
     arrival = list(range(len(samples)))
     packed = [mb for mb in plan_micro_batches(lengths, budget, fixed_size, packed=True) if mb]
-    # one row per micro-batch, every row `budget` wide: one shape, so flex-attention compiles once
-    extra = {
-        "packed-flex": [collate_micro_batch(samples, mb, True, "flex_attention", 0, budget) for mb in packed]
-    }
-    return {
+    out = {
         "padded-fixed": [
             collate(samples, arrival[i : i + fixed_size]) for i in range(0, len(arrival), fixed_size)
         ],
@@ -72,8 +67,12 @@ def layouts(
             collate(samples, mb) for mb in plan_micro_batches(lengths, budget, fixed_size, packed=False) if mb
         ],
         "packed-budget": [collate_micro_batch(samples, mb, True, attn, 0) for mb in packed],
-        **(extra if flex else {}),
     }
+    if flex:  # one row per micro-batch, every row `budget` wide: one shape, flex compiles once
+        out["packed-flex"] = [
+            collate_micro_batch(samples, mb, True, "flex_attention", 0, budget) for mb in packed
+        ]
+    return out
 
 
 def useful_flops(config, lengths: list[int]) -> float:
@@ -126,11 +125,6 @@ def summarise(context: dict, results: dict[str, dict], samples: list[SequenceSam
     summary["rank_imbalance_8_dealt"] = round(imbalance(dealt), 4)
     summary["rank_imbalance_8_kk"] = round(imbalance(kk), 4)
     return summary
-
-
-def emit_quietly(summary: dict, out: str) -> None:
-    with open(out, "w") as f:
-        f.write(json.dumps(summary) + "\n")
 
 
 def main(argv: list[str]) -> int:
@@ -213,7 +207,7 @@ def main(argv: list[str]) -> int:
             mfu=useful_flops(model.config, [s.length for s in samples]) / seconds / peak if peak else None,
         )
         if args.out:  # what is measured so far survives a run cut short (a slow compile, a timeout)
-            emit_quietly(summarise(context, results, samples), args.out)
+            emit(summarise(context, results, samples), args.out, quiet=True)
 
     lengths = [s.length for s in samples]
     print(

@@ -112,6 +112,7 @@ class ReallocExecutor:
         send_sizes = [plan.bucket_nbytes(b) for b in self.buckets if b.sender == member and not b.is_local]
         recv = [b for b in self.buckets if b.sender != member]
         self._send_pool = _Pool(config.send_buffers if send_sizes else 0, max(send_sizes, default=0))
+        self._senders_heard = sorted({b.sender for b in recv if not b.is_local})
         num_senders_heard = len({b.sender for b in recv})
         self._recv_pool = _Pool(
             min(config.max_receive_buffers, 2 * num_senders_heard),
@@ -218,10 +219,10 @@ class ReallocExecutor:
         """Every member this one received from must have started ``version`` (it marks that before
         its first send). A receive that completes although its sender never took part, as a gloo
         broadcast can when the sender closes its sockets, carries stale bytes: refuse them."""
-        senders = sorted({b.sender for b in self.buckets if not b.is_local and b.sender != self.member})
-        if not senders:
+        if not self._senders_heard:
             return
-        absent = [m for m, done in self.group.progress(version, senders).items() if done is None]
+        progress = self.group.progress(version, self._senders_heard)
+        absent = [m for m, done in progress.items() if done is None]
         if absent:
             notes = "; ".join(f"{self._name(m)}: not arrived for version {version}" for m in absent)
             raise ReallocError(
