@@ -138,8 +138,14 @@ class RolloutSupervisor:
                 failures[wid] = f"retired itself: {health.retired}"
             else:
                 healthy.append(health)
+        orphans = sorted(set(in_flight_before) - claimed)
         if failures:
-            self._retire_all(failures, sorted(set(in_flight_before) - claimed))
+            self._retire_all(failures, orphans)
+        elif orphans:
+            # Held by no worker in rotation: a retired worker's acquire that Ray ran after it died
+            # (calls from different callers are not ordered). Live workers claim every group they
+            # were given (``health`` waits for an acquire in progress), so these are orphans.
+            self._resubmit(orphans, "held by no worker in rotation (a retired worker's late acquire)")
         return healthy
 
     def update_weights(self, weights_ref: Any, version: int, timeout_s: float) -> None:
@@ -192,9 +198,7 @@ class RolloutSupervisor:
         if orphans is None:  # the caller does not know the live set: compute it now
             orphans = self._orphans_now()
         if orphans:
-            ray.get(self._dispatcher.abandon.remote(orphans), timeout=_RPC_TIMEOUT_S)
-            logger.warning("resubmitted %d prompt groups held by retired workers", len(orphans))
-            self.groups_resubmitted_total += len(orphans)
+            self._resubmit(orphans, "held by retired workers")
         self.retired.extend(RetiredWorker(wid, reason) for wid, reason in failures.items())
         for wid in failures:
             if self._make_worker is not None and self.restarts_total < self._max_restarts:
@@ -205,6 +209,11 @@ class RolloutSupervisor:
                 f"only {len(self._active)} rollout worker(s) left in rotation, fewer than "
                 f"rollout.min_active_workers={self._min_active}; retired: {history}"
             )
+
+    def _resubmit(self, group_ids: list[int], why: str) -> None:
+        ray.get(self._dispatcher.abandon.remote(group_ids), timeout=_RPC_TIMEOUT_S)
+        logger.warning("resubmitted %d prompt groups %s", len(group_ids), why)
+        self.groups_resubmitted_total += len(group_ids)
 
     def start_replacements(self) -> None:
         """Start the replacements made with ``defer_start`` (call once they hold the current weights)."""

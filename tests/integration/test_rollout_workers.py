@@ -161,6 +161,12 @@ def test_a_dead_worker_is_taken_out_of_rotation_and_its_groups_are_resubmitted(r
         weights = ray.get(fleet.workers[1].__ray_call__.remote(_engine_weights), timeout=60)
         supervisor.update_weights(ray.put(weights), version=1, timeout_s=60)
         assert ray.get(fleet.workers[1].health.remote(), timeout=30).version == 1
+        # A dead worker's acquire that Ray runs late: a group in flight that no worker holds.
+        ray.get(fleet.dispatcher.set_version.remote(3), timeout=30)  # room in the gate
+        (late,) = ray.get(fleet.dispatcher.acquire.remote(1), timeout=30)
+        supervisor.check()
+        assert late.group_id not in ray.get(fleet.dispatcher.state.remote(), timeout=30).in_flight
+        assert supervisor.groups_resubmitted_total == 3
     finally:
         fleet.close()
 
