@@ -51,7 +51,7 @@ def _build_model(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from areal_like.config import ConfigError
-    from areal_like.models import ModelBuildConfig, build_model
+    from areal_like.core.models import ModelBuildConfig, build_model
 
     try:
         cfg = OmegaConf.to_object(
@@ -100,13 +100,20 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from areal_like import bench
+    # Benchmark drivers live in the checkout's benchmarks/ (beside their results), not in the
+    # installed product packages: put the checkout root on the path when it is not already there.
+    from areal_like.config import ConfigError
+
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(checkout, "benchmarks", "__init__.py")):
+        raise ConfigError(f"areal-like bench runs from a source checkout; no benchmarks/ in {checkout}")
+    if checkout not in sys.path:
+        sys.path.insert(0, checkout)
+    import benchmarks as bench
 
     try:
         return bench.run(args.name, args.args)
     except ValueError as err:
-        from areal_like.config import ConfigError
-
         raise ConfigError(str(err)) from None
 
 
@@ -162,7 +169,7 @@ def make_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir")
     plot.add_argument("--out", default=None)
     plot.set_defaults(func=_plot)
-    bench = sub.add_parser("bench", help="run a benchmark (areal_like/bench/NAME.py); last line is JSON")
+    bench = sub.add_parser("bench", help="run a benchmark (benchmarks/NAME.py); last line is JSON")
     bench.add_argument("name")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=_bench)

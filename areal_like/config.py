@@ -16,9 +16,9 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from areal_like.models import ModelBuildConfig
+from areal_like.core.models import ModelBuildConfig
+from areal_like.core.realloc.config import ReallocConfig
 from areal_like.placement import PlacementConfig
-from areal_like.realloc.config import ReallocConfig
 from datastore.config import DataStoreConfig
 from rollout.config import RolloutConfig
 from trainer.config import TrainConfig

@@ -52,7 +52,7 @@ from areal_like.weight_sync import WeightSync
 from datastore import make_datastore
 from datastore.policies import split_for_ranks, split_imbalance
 from datastore.types import DataStoreSamplesLost, DataStoreTimeout, SampleMeta
-from rollout.router import RolloutSupervisor
+from rollout.supervisor import RolloutSupervisor
 from trainer.worker import TRAIN_COLUMNS, TrainStats
 
 logger = logging.getLogger(__name__)

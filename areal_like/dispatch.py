@@ -18,8 +18,8 @@ import logging
 import random
 from dataclasses import asdict, dataclass, field
 
+from areal_like.core.types import PromptGroup, PromptRecord
 from areal_like.staleness import GateState, StalenessGate
-from areal_like.types import PromptGroup, PromptRecord
 
 logger = logging.getLogger(__name__)
 

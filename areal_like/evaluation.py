@@ -68,12 +68,12 @@ def evaluate(
     default: the run's held-out prompts). k=1 with the default temperature 0 is greedy pass@1."""
     import torch
 
-    from areal_like.data import load_prompts
-    from areal_like.models import load_model, load_tokenizer
+    from areal_like.core.data import load_prompts
+    from areal_like.core.models import load_model, load_tokenizer
     from areal_like.prompts import PromptRecords, load_prompt_records, tokenize_prompts
-    from areal_like.rewards import RewardPool
     from rollout.engine import SamplingParams
     from rollout.hf_engine import HFEngine
+    from rollout.rewards import RewardPool
 
     n = samples_per_prompt or k
     if k < 1 or n < k:

@@ -41,7 +41,7 @@ def load_policy(checkpoint_dir: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from areal_like.models import load_tokenizer
+    from areal_like.core.models import load_tokenizer
 
     state = ckpt.read_state(checkpoint_dir)
     model_config = AutoConfig.from_pretrained(state.model_path, local_files_only=True)

@@ -22,7 +22,7 @@ def resolve_model_path(cfg: ModelConfig, run_dir: str) -> str:
         if not os.path.isdir(cfg.path):
             raise FileNotFoundError(f"model.path={cfg.path!r} is not a directory (a local HF model dir)")
         return os.path.abspath(cfg.path)
-    from areal_like.models import build_model
+    from areal_like.core.models import build_model
 
     path = os.path.join(run_dir, "init_model")
     if not os.path.exists(os.path.join(path, "config.json")):

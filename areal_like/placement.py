@@ -9,16 +9,19 @@ GPUs (``devices``): 'cpu' asks for none. 'split': every trainer bundle holds one
 every rollout worker asks for a GPU of its own (generation and training never share a device).
 'colocated': rollout worker i shares trainer rank i's bundle, each taking half of its GPU in Ray's
 books; they take turns on it (the engine sleeps while the trainer steps).
+
+Ray is imported inside the functions: ``PlacementConfig`` is part of the config, which composes
+without Ray.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import ray
-from ray.util.placement_group import placement_group
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,10 @@ class PlacementConfig:
 def trainer_options(config: PlacementConfig, num_ranks: int) -> list[dict]:
     """Actor ``.options`` for each trainer rank, bundle i for rank i of one placement group (with a
     GPU per bundle unless ``devices`` is 'cpu')."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     bundle = {"CPU": _BUNDLE_CPU} if config.devices == "cpu" else {"CPU": _BUNDLE_CPU, "GPU": 1}
     pg = placement_group([bundle] * num_ranks, strategy=config.trainer.upper())
     try:
@@ -103,17 +110,22 @@ def rollout_options(
         return {"num_cpus": 0, "num_gpus": 1, "scheduling_strategy": strategy}
     if config.rollout != "spread":
         return {"num_cpus": 0, "scheduling_strategy": "DEFAULT"}
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
     node = nodes[worker_index % len(nodes)]
     return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=False)}
 
 
-def node_of(actor) -> str:
+def node_of(actor: ActorHandle) -> str:
     """The IP address of the node an actor runs on."""
+    import ray
+
     return ray.get(actor.__ray_call__.remote(lambda _self: ray.util.get_node_ip_address()), timeout=120)
 
 
-def placement_report(roles: dict[str, list]) -> str:
+def placement_report(roles: dict[str, list[ActorHandle]]) -> str:
     """A table of role, index and node for every actor; printed at start."""
     lines = ["placement:"]
     for role, actors in roles.items():
@@ -125,11 +137,11 @@ def placement_report(roles: dict[str, list]) -> str:
 def rendezvous_address(rank0_options: dict) -> tuple[str, int]:
     """IP and a free port on the node of trainer rank 0 (torch.distributed's MASTER_ADDR/PORT)."""
 
-    def probe() -> tuple[str, int]:
-        import socket
+    import ray
 
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("", 0))
-            return ray.util.get_node_ip_address(), sock.getsockname()[1]
+    def probe() -> tuple[str, int]:
+        from areal_like.core.net import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
 
     return ray.get(ray.remote(probe).options(**rank0_options).remote(), timeout=120)

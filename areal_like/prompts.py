@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from areal_like.config import ConfigError, TaskConfig
-from areal_like.types import PromptRecord
+from areal_like.core.types import PromptRecord
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +32,9 @@ def load_prompt_records(cfg: TaskConfig, seed: int) -> PromptRecords:
     """Prompts from files or the task, and the reward function checked importable. Runs before any
     actor starts, so a malformed prompt file or a bad reward path fails the run at once, as a
     ``ConfigError`` naming the file and line (or the import path)."""
-    from areal_like.data import load_prompts
-    from areal_like.rewards import resolve_reward_fn
+    from areal_like.core.data import load_prompts
     from areal_like.tasks import make_task
+    from rollout.rewards import resolve_reward_fn
 
     def from_file(path: str) -> list[PromptRecord]:
         return load_prompts(path, cfg.prompt_key, cfg.answer_key, skip_malformed=cfg.skip_malformed).records
@@ -62,8 +62,8 @@ def load_prompt_records(cfg: TaskConfig, seed: int) -> PromptRecords:
 def tokenize_prompts(records: PromptRecords, model_path: str) -> PromptSets:
     """Token ids of every prompt with the model's tokenizer; characters outside its vocabulary fail
     here, naming the prompt, instead of being dropped silently."""
-    from areal_like.models import load_tokenizer
-    from areal_like.tokenizer import encode_checked
+    from areal_like.core.models import load_tokenizer
+    from areal_like.core.tokenizer import encode_checked
 
     tokenizer = load_tokenizer(model_path)
 

@@ -86,8 +86,14 @@ class WeightSync:
     def _join_plan(self, model_path: str) -> None:
         from transformers import AutoConfig
 
-        from areal_like.realloc import Qwen2Dims, SourceLayout, hf_destination, make_plan, vllm_destination
-        from areal_like.realloc.ipc import colocated_hosts
+        from areal_like.core.realloc import (
+            Qwen2Dims,
+            SourceLayout,
+            hf_destination,
+            make_plan,
+            vllm_destination,
+        )
+        from areal_like.core.realloc.ipc import colocated_hosts
 
         cfg = self.config
         self.members = list(self.rollout.active)

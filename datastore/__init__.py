@@ -11,19 +11,44 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
-from datastore.client import DataStoreClient
-from datastore.config import DataStoreConfig
-from datastore.policies import SAMPLING_POLICIES, make_sampling_policy, split_for_ranks, split_imbalance
-from datastore.types import (
-    BatchMeta,
-    DataStoreSamplesLost,
-    DataStoreTimeout,
-    SampleMeta,
-    SampleWrite,
-    StoreHandles,
-    StoreStats,
-)
+if TYPE_CHECKING:  # the names below load on first use (PEP 562): ``datastore.config`` stays Ray-free
+    from datastore.client import DataStoreClient
+    from datastore.config import DataStoreConfig
+    from datastore.policies import SAMPLING_POLICIES, make_sampling_policy, split_for_ranks, split_imbalance
+    from datastore.types import (
+        BatchMeta,
+        DataStoreSamplesLost,
+        DataStoreTimeout,
+        SampleMeta,
+        SampleWrite,
+        StoreStats,
+    )
+
+_LAZY = {
+    "DataStoreClient": "datastore.client",
+    "DataStoreConfig": "datastore.config",
+    "SAMPLING_POLICIES": "datastore.policies",
+    "make_sampling_policy": "datastore.policies",
+    "split_for_ranks": "datastore.policies",
+    "split_imbalance": "datastore.policies",
+    "BatchMeta": "datastore.types",
+    "DataStoreSamplesLost": "datastore.types",
+    "DataStoreTimeout": "datastore.types",
+    "SampleMeta": "datastore.types",
+    "SampleWrite": "datastore.types",
+    "StoreStats": "datastore.types",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'datastore' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
 
 __all__ = [
     "BatchMeta",
@@ -52,8 +77,10 @@ def make_datastore(config: DataStoreConfig) -> DataStoreClient:
     on this node (all num_cpus=0 actors); return a client."""
     import ray
 
+    from datastore.client import DataStoreClient
     from datastore.controller import DataStoreController
     from datastore.placement import on_this_node, start_units
+    from datastore.types import DataStoreTimeout, StoreHandles
 
     secret = os.urandom(32)
     units = start_units(config.num_storage_units, config.placement, secret)

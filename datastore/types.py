@@ -28,7 +28,7 @@ import numpy as np
 from datastore.wire import Endpoint
 
 if TYPE_CHECKING:
-    from areal_like.types import Trajectory
+    from areal_like.core.types import Trajectory
 
 
 class DataStoreTimeout(TimeoutError):

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
-    from areal_like.types import GenerationOutput
+    from areal_like.core.types import GenerationOutput
     from rollout.config import VLLMConfig
 
 

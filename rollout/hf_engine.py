@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from areal_like.types import GenerationOutput
+from areal_like.core.types import GenerationOutput
 from rollout import kv_batch
 from rollout.engine import EngineLoad, RequestHandle, SamplingParams, TokenChunk
 from rollout.sampling import sample_tokens
@@ -243,7 +243,7 @@ class HFEngine:
 
     def weights_digest(self) -> str:
         """sha256 of the loaded weights (names and fp32 bytes), comparable with the trainer's."""
-        from areal_like.digest import state_dict_digest
+        from areal_like.core.digest import state_dict_digest
 
         return state_dict_digest(self.model.state_dict())
 

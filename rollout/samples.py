@@ -17,9 +17,9 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from areal_like.rewards import RewardResult
-from areal_like.types import GenerationOutput, PromptGroup, Trajectory
+from areal_like.core.types import GenerationOutput, PromptGroup, Trajectory
 from datastore.types import SampleWrite
+from rollout.rewards import RewardResult
 
 META_COLUMN = "sample_meta"
 """Datastore column holding each sample's ``SampleMetadata`` as a structured array [1]."""

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from areal_like.types import GenerationOutput
+from areal_like.core.types import GenerationOutput
 from rollout import vllm_adapter as vllm
 from rollout.engine import EngineLoad, RequestHandle, SamplingParams, TokenChunk
 
@@ -140,7 +140,7 @@ class VLLMEngine:
         ``load_weights`` in the engine core, swapped at a token boundary."""
         import torch
 
-        from areal_like.realloc.ipc import share_tensors
+        from areal_like.core.realloc.ipc import share_tensors
 
         dtype = getattr(torch, self.config.dtype)
         on_gpu = {n: t.detach().to("cuda", dtype).contiguous() for n, t in state_dict.items()}

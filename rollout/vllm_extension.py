@@ -32,7 +32,7 @@ class WeightExtension:
     # ---- object-store path --------------------------------------------------------------------------
     def areal_load_shared(self, blob: bytes) -> int:
         """Load HF-named tensors shared by CUDA IPC (``share_tensors``); returns how many."""
-        from areal_like.realloc.ipc import open_shared_tensors
+        from areal_like.core.realloc.ipc import open_shared_tensors
 
         tensors = open_shared_tensors(pickle.loads(blob))
         self.get_model().load_weights(iter(tensors.items()))
@@ -43,8 +43,8 @@ class WeightExtension:
     def areal_join(self, blob: bytes) -> int:
         """Join the plan's group as ``member`` hosting ``engine_rank``; staging allocated once.
         ``blob``: pickled (plan, ReallocConfig, master_addr, master_port, member, engine_rank)."""
-        from areal_like.realloc.executor import ReallocExecutor
-        from areal_like.realloc.pack import allocate_staging
+        from areal_like.core.realloc.executor import ReallocExecutor
+        from areal_like.core.realloc.pack import allocate_staging
 
         plan, config, addr, port, member, engine_rank = pickle.loads(blob)
         self._areal_check_names(plan, engine_rank)
@@ -68,7 +68,7 @@ class WeightExtension:
     def areal_make_arena(self, blob: bytes) -> bytes:
         """Colocated: allocate ``engine_rank``'s staging arena and return its pickled ``IpcHandle``
         for the trainer rank on this GPU. ``blob``: pickled (plan, engine_rank)."""
-        from areal_like.realloc.ipc import IpcArena
+        from areal_like.core.realloc.ipc import IpcArena
 
         plan, engine_rank = pickle.loads(blob)
         self._areal_check_names(plan, engine_rank)
@@ -87,9 +87,9 @@ class WeightExtension:
     # ---- checks -----------------------------------------------------------------------------------
     def areal_digest(self) -> str:
         """sha256 of the weights as HF-named fp32 tensors (comparable with the trainer's digest)."""
-        from areal_like.digest import state_dict_digest
-        from areal_like.realloc.pack import logical_from_engine
-        from areal_like.realloc.qwen2 import Qwen2Dims, vllm_destination
+        from areal_like.core.digest import state_dict_digest
+        from areal_like.core.realloc.pack import logical_from_engine
+        from areal_like.core.realloc.qwen2 import Qwen2Dims, vllm_destination
 
         dims = Qwen2Dims.from_config(self.vllm_config.model_config.hf_config)
         dtype = str(next(self.get_model().parameters()).dtype).removeprefix("torch.")

@@ -45,10 +45,10 @@ import numpy as np
 import ray
 import torch
 
-from areal_like.rewards import RewardPool
-from areal_like.types import PromptGroup, PromptRecord
+from areal_like.core.types import PromptGroup, PromptRecord
 from rollout.config import RolloutConfig
 from rollout.engine import EngineConfig, RequestHandle, SamplingParams, make_engine
+from rollout.rewards import RewardPool
 from rollout.samples import build_group_writes, forced_length, rewards_all_equal
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class RolloutWorker:
         seed: int,
         version: int,
     ) -> None:
-        from areal_like.models import load_model, load_tokenizer
+        from areal_like.core.models import load_model, load_tokenizer
 
         torch.set_num_threads(config.torch_threads)
         self.worker_id = worker_id
@@ -365,8 +365,8 @@ class RolloutWorker:
         if self.config.engine == "vllm":
             self.engine.setup_realloc(plan, config, master_addr, master_port, member, engine_rank)
             return
-        from areal_like.realloc.executor import ReallocExecutor
-        from areal_like.realloc.pack import allocate_staging
+        from areal_like.core.realloc.executor import ReallocExecutor
+        from areal_like.core.realloc.pack import allocate_staging
 
         if getattr(self, "realloc", None) is not None:  # rebuilt: leave the old group first
             self.realloc.close(wait_s=2.0)

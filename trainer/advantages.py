@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from areal_like.algorithms import batch_normalize, gae_advantages, grpo_advantages, overlong_penalty
+from trainer.algorithms import batch_normalize, gae_advantages, grpo_advantages, overlong_penalty
 from trainer.config import TrainConfig
 
 

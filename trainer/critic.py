@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from areal_like.algorithms import value_loss
+from trainer.algorithms import value_loss
 from trainer.batch import MicroBatch
-from trainer.engine import EngineSpec, load_model, make_engine
+from trainer.deepspeed_engine import EngineSpec, load_model, make_engine
 
 CHECKPOINT_TAG = "critic"
 

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from areal_like.algorithms import loss_token_weights, sft_loss, token_logprobs
+from trainer.algorithms import loss_token_weights, sft_loss, token_logprobs
 from trainer.batch import SequenceSample, collate_micro_batch, dummy_micro_batch
 from trainer.config import LR_SCHEDULES, OPTIMIZERS, check_one_of
-from trainer.engine import EngineSpec, init_distributed, load_model, make_engine
+from trainer.deepspeed_engine import EngineSpec, init_distributed, load_model, make_engine
 from trainer.packing import agree_on_micro_batches, balanced_partition
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class SFTResult:
 
 def load_sft_samples(config: SFTConfig, tokenizer) -> list[SequenceSample]:
     """Tokenise every record: prompt ids, then response ids (+ eos); loss only on the response."""
-    from areal_like.data import load_prompts
+    from areal_like.core.data import load_prompts
 
     records = load_prompts(config.train_path, config.prompt_key, config.response_key).records
     samples = []

@@ -27,7 +27,10 @@ from itertools import chain
 import torch
 import torch.distributed as dist
 
-from areal_like.algorithms import (
+from areal_like.core.digest import state_dict_digest  # noqa: F401 (re-exported for tests)
+from datastore.types import DataStoreSamplesLost
+from trainer.advantages import normalize_with, sequence_scores, token_advantages
+from trainer.algorithms import (
     decoupled_ppo_loss,
     kl_estimate,
     loglinear_prox_logp,
@@ -35,9 +38,6 @@ from areal_like.algorithms import (
     token_logprobs,
     token_logprobs_and_entropy,
 )
-from areal_like.digest import state_dict_digest  # noqa: F401 (re-exported for tests)
-from datastore.types import DataStoreSamplesLost
-from trainer.advantages import normalize_with, sequence_scores, token_advantages
 from trainer.batch import (
     MicroBatch,
     ResponseLayout,
@@ -48,7 +48,7 @@ from trainer.batch import (
 )
 from trainer.config import TrainConfig
 from trainer.critic import Critic
-from trainer.engine import EngineSpec, init_distributed, load_model, make_engine
+from trainer.deepspeed_engine import EngineSpec, init_distributed, load_model, make_engine
 from trainer.packing import agree_on_micro_batches, balanced_partition, imbalance, keep_local
 from trainer.stats import TrainStats, summarize
 
@@ -446,8 +446,8 @@ class TrainerRank:
         """Join the weight-reallocation group as member ``rank`` (every engine joins at once).
         Colocated placement: ``ipc_handles`` (engine rank -> ``IpcHandle``) are the staging arenas of
         the engines on this GPU; this rank maps the ones it hosts and writes into them."""
-        from areal_like.realloc.executor import ReallocExecutor
-        from areal_like.realloc.ipc import open_ipc_staging
+        from areal_like.core.realloc.executor import ReallocExecutor
+        from areal_like.core.realloc.ipc import open_ipc_staging
 
         if getattr(self, "realloc", None) is not None:  # rebuilt: leave the old group first
             self.realloc.close(wait_s=2.0)
@@ -458,7 +458,7 @@ class TrainerRank:
 
     def send_weights(self, version: int):
         """This rank's part of the reallocation plan for ``version`` (collective with the engines)."""
-        from areal_like.realloc.sources import flat_sources
+        from areal_like.core.realloc.sources import flat_sources
 
         sources = flat_sources(self.engine.module, self.rank, self.world_size)
         return self.realloc.run(version, sources=sources, staging=self.realloc_staging)

@@ -10,9 +10,9 @@ import hashlib
 import itertools
 import random
 
+from areal_like.core.tokenizer import EOS_TOKEN
+from areal_like.core.types import PromptRecord
 from areal_like.tasks.base import Task, check_split_and_num
-from areal_like.tokenizer import EOS_TOKEN
-from areal_like.types import PromptRecord
 
 EVAL_FRACTION = 0.2
 """Share of the operand tuples held out for the eval split."""

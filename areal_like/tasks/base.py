@@ -1,7 +1,7 @@
 """The plug point for tasks with verifiable rewards.
 
 A task makes prompts (``PromptRecord``) and names its reward function by import path, so that the
-reward can be computed in another process (``areal_like.rewards.RewardPool``). Reward functions have
+reward can be computed in another process (``rollout.rewards.RewardPool``). Reward functions have
 the signature ``fn(response: str, answer: str) -> float`` and live in modules that do not import
 torch, because reward worker processes import them.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from areal_like.types import PromptRecord
+from areal_like.core.types import PromptRecord
 
 SPLITS = ("train", "eval")
 

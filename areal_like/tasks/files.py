@@ -10,8 +10,8 @@ This module must not import torch (reward worker processes import the tasks pack
 
 from __future__ import annotations
 
+from areal_like.core.types import PromptRecord
 from areal_like.tasks.base import Task, check_split_and_num
-from areal_like.types import PromptRecord
 
 
 class FileTask(Task):
@@ -36,13 +36,13 @@ class FileTask(Task):
 
 MATH = FileTask(
     "math",
-    "areal_like.rewards_math:math_reward",
+    "areal_like.tasks.math_reward:math_reward",
     max_new_tokens_hint=512,
     answer_format="answers like '72', '\\\\frac{1}{2}' or a GSM8K solution ending in '#### 72'",
 )
 CODE = FileTask(
     "code",
-    "areal_like.rewards_code:code_reward",
+    "areal_like.tasks.code_reward:code_reward",
     max_new_tokens_hint=1024,
     answer_format='answers as JSON: {"tests": [{"input": ..., "output": ...}]} or {"asserts": ...}',
 )

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from areal_like.algorithms import token_logprobs
-from areal_like.models import ModelBuildConfig, make_model
+from areal_like.core.models import ModelBuildConfig, make_model
+from trainer.algorithms import token_logprobs
 from trainer.batch import SequenceSample, collate, collate_micro_batch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

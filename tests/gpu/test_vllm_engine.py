@@ -23,7 +23,7 @@ def _peaky_model(path: str, seed: int) -> str:
     log-prob of a token differs by ~0.45 between two seeds and by ~1.3 between neighbouring positions,
     so one read at the wrong position or under the wrong weights cannot pass as a match (bf16 vs
     fp32 noise is ~0.01)."""
-    from areal_like.models import ModelBuildConfig, build_model, load_model
+    from areal_like.core.models import ModelBuildConfig, build_model, load_model
 
     build_model(
         ModelBuildConfig(
@@ -45,14 +45,14 @@ def _peaky_model(path: str, seed: int) -> str:
 
 
 def _bf16_state(path: str) -> dict[str, torch.Tensor]:
-    from areal_like.models import load_model
+    from areal_like.core.models import load_model
 
     return {k: v.to(torch.bfloat16) for k, v in load_model(path).state_dict().items()}
 
 
 def _recompute(path: str, prompt: list[int], response: list[int]) -> torch.Tensor:
     """float32 HF log-probs of ``response`` after ``prompt`` at temperature 1."""
-    from areal_like.models import load_model
+    from areal_like.core.models import load_model
 
     model = load_model(path).cuda()
     ids = torch.tensor([prompt + response], device="cuda")
@@ -139,7 +139,7 @@ def test_pause_holds_decoding_and_resume_finishes(engine):
 
 
 def test_weight_swap_inside_a_sample_carries_both_versions(engine, models):
-    from areal_like.digest import state_dict_digest
+    from areal_like.core.digest import state_dict_digest
 
     prompt = [5, 6, 7, 8]
     handle = engine.submit(prompt, _params(400), stream=True)
@@ -166,12 +166,12 @@ def test_weight_swap_inside_a_sample_carries_both_versions(engine, models):
 def test_colocated_arena_written_over_cuda_ipc_then_loaded(engine, models):
     from transformers import AutoConfig
 
-    from areal_like.digest import state_dict_digest
-    from areal_like.models import load_model
-    from areal_like.realloc import Qwen2Dims, SourceLayout, make_plan, vllm_destination
-    from areal_like.realloc.ipc import open_ipc_staging
-    from areal_like.realloc.pack import execute_locally
-    from areal_like.realloc.sources import flat_sources
+    from areal_like.core.digest import state_dict_digest
+    from areal_like.core.models import load_model
+    from areal_like.core.realloc import Qwen2Dims, SourceLayout, make_plan, vllm_destination
+    from areal_like.core.realloc.ipc import open_ipc_staging
+    from areal_like.core.realloc.pack import execute_locally
+    from areal_like.core.realloc.sources import flat_sources
 
     dims = Qwen2Dims.from_config(AutoConfig.from_pretrained(models[0], local_files_only=True))
     plan = make_plan(

@@ -32,11 +32,11 @@ def _trainer(rank: int, ds_port: int, ports: dict[int, int], tmp: str) -> None:
     )
     import deepspeed
 
-    from areal_like.models import ModelBuildConfig, make_model
-    from areal_like.realloc import ReallocConfig, SourceLayout, hf_destination, make_plan
-    from areal_like.realloc.executor import ReallocExecutor
-    from areal_like.realloc.qwen2 import Qwen2Dims
-    from areal_like.realloc.sources import flat_sources, tensor_specs
+    from areal_like.core.models import ModelBuildConfig, make_model
+    from areal_like.core.realloc import ReallocConfig, SourceLayout, hf_destination, make_plan
+    from areal_like.core.realloc.executor import ReallocExecutor
+    from areal_like.core.realloc.qwen2 import Qwen2Dims
+    from areal_like.core.realloc.sources import flat_sources, tensor_specs
 
     deepspeed.init_distributed(
         "gloo", auto_mpi_discovery=False, verbose=False, timeout=datetime.timedelta(seconds=120)
@@ -75,11 +75,11 @@ def _trainer(rank: int, ds_port: int, ports: dict[int, int], tmp: str) -> None:
 
 
 def _engine(ports: dict[int, int], tmp: str, queue) -> None:
-    from areal_like.models import ModelBuildConfig, make_model
-    from areal_like.realloc import ReallocConfig, SourceLayout, hf_destination, make_plan
-    from areal_like.realloc.executor import ReallocExecutor
-    from areal_like.realloc.pack import allocate_staging
-    from areal_like.realloc.qwen2 import Qwen2Dims
+    from areal_like.core.models import ModelBuildConfig, make_model
+    from areal_like.core.realloc import ReallocConfig, SourceLayout, hf_destination, make_plan
+    from areal_like.core.realloc.executor import ReallocExecutor
+    from areal_like.core.realloc.pack import allocate_staging
+    from areal_like.core.realloc.qwen2 import Qwen2Dims
     from rollout.hf_engine import HFEngine
 
     engine = HFEngine(make_model(ModelBuildConfig(seed=0))[0])

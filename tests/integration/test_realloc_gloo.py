@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from areal_like.realloc.qwen2 import Qwen2Dims
+from areal_like.core.realloc.qwen2 import Qwen2Dims
 
 NUM_TRAINERS, NUM_ENGINE_PROCS = 2, 2
-# The shapes of areal_like.models.ModelBuildConfig() (checked in the engine processes).
+# The shapes of areal_like.core.models.ModelBuildConfig() (checked in the engine processes).
 DIMS = Qwen2Dims(
     vocab_size=21, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2
 )
@@ -79,11 +79,11 @@ def _free_port() -> int:
 
 def _worker(index: int, ports: dict[str, int], queue) -> None:
     torch.set_num_threads(1)
-    from areal_like.realloc import ReallocConfig, SourceLayout, hf_destination, make_plan
-    from areal_like.realloc.executor import ReallocExecutor
-    from areal_like.realloc.group import ReallocError
-    from areal_like.realloc.pack import allocate_staging
-    from areal_like.realloc.synthetic import layout_sources, random_weights
+    from areal_like.core.realloc import ReallocConfig, SourceLayout, hf_destination, make_plan
+    from areal_like.core.realloc.executor import ReallocExecutor
+    from areal_like.core.realloc.group import ReallocError
+    from areal_like.core.realloc.pack import allocate_staging
+    from areal_like.core.realloc.synthetic import layout_sources, random_weights
 
     is_trainer = index < NUM_TRAINERS
     who = f"trainer{index}" if is_trainer else f"engine{index - NUM_TRAINERS}"
@@ -91,7 +91,7 @@ def _worker(index: int, ports: dict[str, int], queue) -> None:
     base = random_weights(specs, seed=11)
     initial = None
     if not is_trainer:  # only engine processes pay for transformers
-        from areal_like.models import ModelBuildConfig, make_model
+        from areal_like.core.models import ModelBuildConfig, make_model
         from rollout.hf_engine import HFEngine
 
         initial = make_model(ModelBuildConfig(seed=0))[0].state_dict()

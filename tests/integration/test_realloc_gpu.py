@@ -13,7 +13,7 @@ pytestmark = pytest.mark.gpu
 
 
 def _bench(capsys, *argv: str) -> dict:
-    from areal_like.bench.realloc import main
+    from benchmarks.realloc import main
 
     rc = main(list(argv))
     out = capsys.readouterr().out

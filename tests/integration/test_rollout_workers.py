@@ -9,13 +9,13 @@ import time
 import pytest
 import ray
 
+from areal_like.core.models import ModelBuildConfig, build_model, load_tokenizer
+from areal_like.core.types import PromptRecord
 from areal_like.dispatch import PromptDispatcher
-from areal_like.models import ModelBuildConfig, build_model, load_tokenizer
-from areal_like.types import PromptRecord
 from datastore import DataStoreConfig, make_datastore
 from rollout.config import RolloutConfig
-from rollout.router import RolloutSupervisor
 from rollout.samples import META_COLUMN, SampleMetadata
+from rollout.supervisor import RolloutSupervisor
 from rollout.worker import RolloutWorker
 
 pytestmark = pytest.mark.slow

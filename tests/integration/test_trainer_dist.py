@@ -112,7 +112,9 @@ def _weights(trainer) -> dict[str, np.ndarray]:
     import deepspeed
 
     out = {}
-    engines = [("policy.", trainer.engine)] + ([("critic.", trainer.critic.engine)] if trainer.critic else [])
+    engines = [("policy.", trainer.deepspeed_engine)] + (
+        [("critic.", trainer.critic.engine)] if trainer.critic else []
+    )
     for prefix, engine in engines:
         params = list(engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=trainer.config.zero_stage == 3):
@@ -186,7 +188,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from areal_like.models import ModelBuildConfig, build_model
+    from areal_like.core.models import ModelBuildConfig, build_model
 
     tmp = tmp_path_factory.mktemp("trainer_dist")
     model_dir = build_model(

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def test_sft_lowers_the_loss_and_writes_a_loadable_model(tmp_path, ray_local):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from areal_like.models import ModelBuildConfig, build_model
+    from areal_like.core.models import ModelBuildConfig, build_model
 
     tiny = ModelBuildConfig(hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1)
     init_dir = build_model(tiny, str(tmp_path / "init"))

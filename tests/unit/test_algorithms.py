@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from areal_like.algorithms import (
+from trainer.algorithms import (
     decoupled_ppo_loss,
     gae_advantages,
     grpo_advantages,

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from areal_like.data import MAX_REPORTED_LINES, load_prompts
-from areal_like.types import PromptRecord
+from areal_like.core.data import MAX_REPORTED_LINES, load_prompts
+from areal_like.core.types import PromptRecord
 
 
 def write_lines(tmp_path, lines: list[str], name: str = "prompts.jsonl") -> str:
@@ -63,7 +63,7 @@ def test_invalid_utf8_is_a_malformed_line(tmp_path):
 def test_skip_malformed_counts_skipped_lines_and_warns_once(tmp_path, caplog):
     lines = [GOOD if i % 3 == 0 else "{bad" for i in range(60)]
     path = write_lines(tmp_path, lines)
-    with caplog.at_level(logging.WARNING, logger="areal_like.data"):
+    with caplog.at_level(logging.WARNING, logger="areal_like.core.data"):
         result = load_prompts(path, skip_malformed=True)
     assert len(result.records) == 20 and result.num_skipped == 40
     expected_lines = [i + 1 for i in range(60) if i % 3 != 0][:MAX_REPORTED_LINES]

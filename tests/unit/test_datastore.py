@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from areal_like.types import TRAJECTORY_COLUMNS, Trajectory
+from areal_like.core.types import TRAJECTORY_COLUMNS, Trajectory
 from datastore import DataStoreConfig, DataStoreSamplesLost, DataStoreTimeout, SampleWrite, make_datastore
 
 ALL_COLUMNS = list(TRAJECTORY_COLUMNS)

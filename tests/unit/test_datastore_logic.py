@@ -231,7 +231,7 @@ def test_the_lost_samples_error_keeps_its_fields_across_pickling():
 
 
 def test_the_benchmark_parses_its_grid_and_refuses_batches_that_do_not_divide_the_load():
-    from areal_like.bench.datastore import parse_args
+    from benchmarks.datastore import parse_args
 
     settings = parse_args(["--units", "1,4", "--batches", "2:4,8:16", "--writers", "2"])
 

@@ -66,7 +66,7 @@ def test_forced_lengths_are_fixed_per_sample_and_lognormal():
 
 
 def _tiny_plan(tp: int):
-    from areal_like.realloc import Qwen2Dims, SourceLayout, make_plan, vllm_destination
+    from areal_like.core.realloc import Qwen2Dims, SourceLayout, make_plan, vllm_destination
 
     dims = Qwen2Dims(
         vocab_size=100, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2
@@ -79,7 +79,12 @@ def _tiny_plan(tp: int):
 
 
 def test_engine_tensors_read_back_as_the_trainer_tensors():
-    from areal_like.realloc.pack import FlatSource, allocate_staging, execute_locally, logical_from_engine
+    from areal_like.core.realloc.pack import (
+        FlatSource,
+        allocate_staging,
+        execute_locally,
+        logical_from_engine,
+    )
 
     dims, specs, plan = _tiny_plan(tp=1)
     gen = torch.Generator().manual_seed(0)
@@ -96,7 +101,7 @@ def test_engine_tensors_read_back_as_the_trainer_tensors():
 
 
 def test_a_tensor_parallel_rank_cannot_pass_for_the_whole_model():
-    from areal_like.realloc.pack import allocate_staging, logical_from_engine
+    from areal_like.core.realloc.pack import allocate_staging, logical_from_engine
 
     _, specs, plan = _tiny_plan(tp=2)
     with pytest.raises(ValueError, match="not covered exactly once"):
@@ -106,7 +111,7 @@ def test_a_tensor_parallel_rank_cannot_pass_for_the_whole_model():
 def test_useful_flops_count_matmuls_and_causal_attention():
     from types import SimpleNamespace
 
-    from areal_like.bench.trainer import useful_flops
+    from benchmarks.trainer import useful_flops
 
     cfg = SimpleNamespace(
         hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -117,7 +122,7 @@ def test_useful_flops_count_matmuls_and_causal_attention():
 
 
 def test_sharing_cpu_tensors_over_cuda_ipc_is_refused():
-    from areal_like.realloc.ipc import share_tensors
+    from areal_like.core.realloc.ipc import share_tensors
 
     with pytest.raises(ValueError, match="only CUDA tensors"):
         share_tensors({"w": torch.zeros(2)})

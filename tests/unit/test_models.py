@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from areal_like.models import ModelBuildConfig, build_model, load_model, load_tokenizer, make_model
-from areal_like.tokenizer import DEFAULT_ALPHABET, build_char_tokenizer, encode_checked
+from areal_like.core.models import ModelBuildConfig, build_model, load_model, load_tokenizer, make_model
+from areal_like.core.tokenizer import DEFAULT_ALPHABET, build_char_tokenizer, encode_checked
 
 TEXTS = ["3+5=8", "  (12 - 3) * 4 = 36 ", "7/7=1", ""]
 

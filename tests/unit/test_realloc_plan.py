@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from areal_like.realloc import (
+from areal_like.core.realloc import (
     EngineTensor,
     Placement,
     Qwen2Dims,
@@ -22,18 +22,18 @@ from areal_like.realloc import (
     replicated_destination,
     vllm_destination,
 )
-from areal_like.realloc.ipc import colocated_hosts
-from areal_like.realloc.layout import DestinationLayout, flat_range_rects, zero3_partition_numel
-from areal_like.realloc.pack import (
+from areal_like.core.realloc.ipc import colocated_hosts
+from areal_like.core.realloc.layout import DestinationLayout, flat_range_rects, zero3_partition_numel
+from areal_like.core.realloc.pack import (
     FlatSource,
     allocate_staging,
     checksum_matches,
     execute_locally,
     pack_bucket,
 )
-from areal_like.realloc.plan import ALIGN_BYTES
-from areal_like.realloc.sources import flat_sources, tensor_specs
-from areal_like.realloc.synthetic import layout_sources, random_weights, wire_cast
+from areal_like.core.realloc.plan import ALIGN_BYTES
+from areal_like.core.realloc.sources import flat_sources, tensor_specs
+from areal_like.core.realloc.synthetic import layout_sources, random_weights, wire_cast
 
 # vocab 37 exercises vLLM's vocab padding; 2 KV heads with tp 4 exercises KV-head replication.
 DIMS = Qwen2Dims(
@@ -293,7 +293,7 @@ def test_config_errors_name_the_field_and_the_fix():
 
 
 def test_copy_lists_copy_big_pieces_one_by_one_and_small_ones_together():
-    from areal_like.realloc.pack import CopyList
+    from areal_like.core.realloc.pack import CopyList
 
     srcs = [torch.randn(1024, 1024), torch.randn(3, 5), torch.randn(700, 1024), torch.randn(7)]
     arena = torch.zeros(sum(t.numel() for t in srcs), dtype=torch.bfloat16)
@@ -317,8 +317,8 @@ def test_a_receive_whose_sender_never_started_the_version_is_refused():
     (a gloo broadcast can complete with stale bytes when its sender closes its sockets)."""
     import socket
 
-    from areal_like.realloc.executor import ReallocExecutor
-    from areal_like.realloc.group import ReallocError, ReallocGroup
+    from areal_like.core.realloc.executor import ReallocExecutor
+    from areal_like.core.realloc.group import ReallocError, ReallocGroup
 
     plan = make_plan(
         SourceLayout.replicated(DIMS.specs("float32"), 1), hf_destination(DIMS, "float32", 1), 4096

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from areal_like.rewards import RewardPool, RewardResult, resolve_reward_fn
 from areal_like.tasks import get_task
+from rollout.rewards import RewardPool, RewardResult, resolve_reward_fn
 
 FIXTURES = "tests.unit.reward_fixtures"
 

@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from areal_like import sandbox
-from areal_like.rewards import RewardPool
-from areal_like.rewards_code import code_reward, extract_program
-from areal_like.sandbox import SandboxLimits, run_python
+from areal_like.tasks import sandbox
+from areal_like.tasks.code_reward import code_reward, extract_program
+from areal_like.tasks.sandbox import SandboxLimits, run_python
+from rollout.rewards import RewardPool
 
 NETWORK_PROBE = """
 import socket
@@ -104,6 +104,6 @@ def test_code_reward_is_the_fraction_of_tests_passed():
 
 def test_code_reward_in_the_pool_scores_a_hanging_program_zero_and_the_pool_goes_on():
     spec = json.dumps({"tests": [{"input": "", "output": "ok"}], "wall_time_s": 1.0})
-    with RewardPool("areal_like.rewards_code:code_reward", timeout_s=10.0) as pool:
+    with RewardPool("areal_like.tasks.code_reward:code_reward", timeout_s=10.0) as pool:
         results = pool.score([("print('ok')", spec), ("while True: pass", spec), ("print('ok')", spec)])
     assert [(r.value, r.status) for r in results] == [(1.0, "ok"), (0.0, "ok"), (1.0, "ok")]

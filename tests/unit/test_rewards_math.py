@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from areal_like.rewards import RewardPool
-from areal_like.rewards_math import math_reward
+from areal_like.tasks.math_reward import math_reward
+from rollout.rewards import RewardPool
 
-MATH_REWARD = "areal_like.rewards_math:math_reward"
+MATH_REWARD = "areal_like.tasks.math_reward:math_reward"
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""``areal-like bench engine`` runs end to end on a tiny workload and ends with its JSON figures."""
+"""``areal-like bench hf_engine`` runs end to end on a tiny workload and ends with its JSON figures."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from areal_like import bench
-from areal_like.bench.engine import EngineBenchSettings, make_workload
+import benchmarks as bench
+from benchmarks.hf_engine import EngineBenchSettings, make_workload
 
 
 def test_engine_bench_prints_a_table_and_a_json_last_line_with_the_ratio(capsys):
@@ -16,12 +16,12 @@ def test_engine_bench_prints_a_table_and_a_json_last_line_with_the_ratio(capsys)
     argv += ["--vocab-size", "64", "--max-new-tokens", "12", "--median-new-tokens", "4", "--repeats", "1"]
     threads = torch.get_num_threads()
     try:
-        assert bench.run("engine", argv) == 0
+        assert bench.run("hf_engine", argv) == 0
     finally:
         torch.set_num_threads(threads)
     lines = capsys.readouterr().out.strip().splitlines()
     figures = json.loads(lines[-1])
-    assert figures["bench"] == "engine" and figures["requests"] == 6
+    assert figures["bench"] == "hf_engine" and figures["requests"] == 6
     for name in ("continuous", "static", "generate"):
         assert figures[f"{name}_tokens_per_s"] > 0
     assert figures["continuous_vs_generate"] > 0

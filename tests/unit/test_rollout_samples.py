@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from areal_like.rewards import RewardResult
-from areal_like.types import GenerationOutput, PromptGroup, PromptRecord
+from areal_like.core.types import GenerationOutput, PromptGroup, PromptRecord
+from rollout.rewards import RewardResult
 from rollout.samples import META_COLUMN, SampleMetadata, build_group_writes, rewards_all_equal
 
 

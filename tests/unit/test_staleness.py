@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from areal_like.core.types import PromptRecord
 from areal_like.dispatch import PromptDispatcher
 from areal_like.staleness import GateState, StalenessGate, is_stale
-from areal_like.types import PromptRecord
 
 
 def test_synchronous_gate_admits_exactly_one_batch_per_version():

@@ -6,9 +6,9 @@ import sys
 import pytest
 
 from areal_like.config import TaskConfig
-from areal_like.rewards import resolve_reward_fn
 from areal_like.tasks import TASKS, AdditionTask, get_task, make_task
 from areal_like.tasks.arithmetic import addition_reward
+from rollout.rewards import resolve_reward_fn
 
 
 def test_get_task_lists_known_names_for_an_unknown_one():
@@ -83,7 +83,7 @@ def test_bad_split_or_count_is_rejected(split, num):
 @pytest.mark.parametrize("name", ["math", "code"])
 def test_file_tasks_name_their_reward_and_ask_for_prompt_files(name):
     task = make_task(TaskConfig(name=name))
-    assert task.reward_fn_path.startswith("areal_like.rewards_")
+    assert task.reward_fn_path == f"areal_like.tasks.{name}_reward:{name}_reward"
     with pytest.raises(ValueError, match=rf"task '{name}' has no built-in prompts: set task.train_path"):
         task.make_prompts("train", 4, seed=0)
 
@@ -99,7 +99,7 @@ def test_a_math_run_with_prompt_files_loads_them_and_the_math_reward(tmp_path):
     )
     cfg = TaskConfig(name="math", train_path=str(path), eval_path=str(path))
     records = load_prompt_records(cfg, seed=0)
-    assert records.reward_fn_path == "areal_like.rewards_math:math_reward" and len(records.train) == 3
+    assert records.reward_fn_path == "areal_like.tasks.math_reward:math_reward" and len(records.train) == 3
 
 
 def test_a_user_reward_function_from_the_config_replaces_the_task_reward():

@@ -63,7 +63,7 @@ def test_stale_deepspeed_build_locks_are_removed_and_fresh_ones_kept(tmp_path, m
     import os
     import time
 
-    from trainer.engine import clear_stale_build_locks
+    from trainer.deepspeed_engine import clear_stale_build_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"

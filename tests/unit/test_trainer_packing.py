@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from areal_like.algorithms import token_logprobs
-from areal_like.models import ModelBuildConfig, make_model
+from areal_like.core.models import ModelBuildConfig, make_model
+from trainer.algorithms import token_logprobs
 from trainer.batch import ResponseLayout, SequenceSample, collate, collate_micro_batch, collate_packed
-from trainer.engine import lr_multiplier
+from trainer.deepspeed_engine import lr_multiplier
 from trainer.packing import balanced_partition, imbalance, keep_local, plan_micro_batches
 
 torch.set_num_threads(1)

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from areal_like.realloc.layout import (
+from areal_like.core.realloc.layout import (
     DTYPE_BYTES,
     DestinationLayout,
     Rect,

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from areal_like.realloc.pack import arena_layout, arena_views
-from areal_like.realloc.plan import Plan
+from areal_like.core.realloc.pack import arena_layout, arena_views
+from areal_like.core.realloc.plan import Plan
 
 _DEVICE_ARG = 6
 """Index of the device ordinal in the argument tuple of ``reduce_tensor`` for a CUDA tensor

@@ -17,7 +17,7 @@ def available() -> list[str]:
 def run(name: str, argv: list[str]) -> int:
     if name not in available():
         raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(available()) or 'none'}")
-    return importlib.import_module(f"areal_like.bench.{name}").main(argv)
+    return importlib.import_module(f"benchmarks.{name}").main(argv)
 
 
 def emit(result: dict, out: str | None, quiet: bool = False) -> None:

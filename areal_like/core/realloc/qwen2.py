@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from areal_like.realloc.layout import (
+from areal_like.core.realloc.layout import (
     DestinationLayout,
     EngineTensor,
     Placement,

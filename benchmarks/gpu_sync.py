@@ -27,7 +27,7 @@ import tempfile
 import time
 import traceback
 
-from areal_like.bench import device_copy_seconds, emit
+from benchmarks import device_copy_seconds, emit
 
 BUCKET_MB = 256
 
@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
-    from areal_like.bench._models import random_qwen2
+    from benchmarks._models import random_qwen2
 
     model_dir = random_qwen2(args.shape, args.model_dir or tempfile.mkdtemp(), 4096)
     if args.placement == "colocated":
@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
 def _plan(model_dir: str, hosts):
     from transformers import AutoConfig
 
-    from areal_like.realloc import Qwen2Dims, SourceLayout, make_plan, vllm_destination
+    from areal_like.core.realloc import Qwen2Dims, SourceLayout, make_plan, vllm_destination
 
     dims = Qwen2Dims.from_config(AutoConfig.from_pretrained(model_dir, local_files_only=True))
     return make_plan(
@@ -104,7 +104,7 @@ def _trainer_model(model_dir: str):
 
 
 def _digest(model) -> str:
-    from areal_like.digest import state_dict_digest
+    from areal_like.core.digest import state_dict_digest
 
     return state_dict_digest(model.state_dict())
 
@@ -119,10 +119,10 @@ def _free_port() -> int:
 def _colocated(args, model_dir: str) -> dict:
     import torch
 
-    from areal_like.realloc import ReallocConfig
-    from areal_like.realloc.executor import ReallocExecutor
-    from areal_like.realloc.ipc import open_ipc_staging
-    from areal_like.realloc.sources import flat_sources
+    from areal_like.core.realloc import ReallocConfig
+    from areal_like.core.realloc.executor import ReallocExecutor
+    from areal_like.core.realloc.ipc import open_ipc_staging
+    from areal_like.core.realloc.sources import flat_sources
 
     trainer = _trainer_model(model_dir)
     plan = _plan(model_dir, hosts=(0,))
@@ -222,7 +222,7 @@ def _split(args, model_dir: str) -> dict:
 
 def _engine_proc(args, model_dir, port, floor_port, commands, results) -> None:
     try:
-        from areal_like.realloc import ReallocConfig
+        from areal_like.core.realloc import ReallocConfig
 
         engine = _engine(args, model_dir)
         plan = _plan(model_dir, hosts=None)
@@ -246,9 +246,9 @@ def _trainer_proc(args, model_dir, port, floor_port, commands, results) -> None:
         import torch
         import torch.distributed as dist
 
-        from areal_like.realloc import ReallocConfig
-        from areal_like.realloc.executor import ReallocExecutor
-        from areal_like.realloc.sources import flat_sources
+        from areal_like.core.realloc import ReallocConfig
+        from areal_like.core.realloc.executor import ReallocExecutor
+        from areal_like.core.realloc.sources import flat_sources
 
         trainer = _trainer_model(model_dir)
         plan = _plan(model_dir, hosts=None)
@@ -277,7 +277,7 @@ def _floor_proc(args, model_dir, port, floor_port, commands, results) -> None:
         import torch.distributed as dist
         from transformers import AutoConfig
 
-        from areal_like.realloc import Qwen2Dims
+        from areal_like.core.realloc import Qwen2Dims
 
         dims = Qwen2Dims.from_config(AutoConfig.from_pretrained(model_dir, local_files_only=True))
         nbytes = sum(s.nbytes for s in dims.specs("bfloat16"))

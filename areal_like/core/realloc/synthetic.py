@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from areal_like.realloc.layout import SourceLayout, TensorSpec, view2d, zero3_partition_numel
-from areal_like.realloc.pack import TORCH_DTYPES, FlatSource
-from areal_like.realloc.plan import Plan
+from areal_like.core.realloc.layout import SourceLayout, TensorSpec, view2d, zero3_partition_numel
+from areal_like.core.realloc.pack import TORCH_DTYPES, FlatSource
+from areal_like.core.realloc.plan import Plan
 
 
 def random_weights(

@@ -23,8 +23,8 @@ pure-Python part (no torch import); import ``executor``, ``pack``, ``ipc``, ``so
 Nothing imports CUDA-only code at module level; NCCL and IPC need a GPU only when used.
 """
 
-from areal_like.realloc.config import ReallocConfig
-from areal_like.realloc.layout import (
+from areal_like.core.realloc.config import ReallocConfig
+from areal_like.core.realloc.layout import (
     DestinationLayout,
     EngineTensor,
     Placement,
@@ -33,8 +33,8 @@ from areal_like.realloc.layout import (
     TensorSpec,
     replicated_destination,
 )
-from areal_like.realloc.plan import Plan, make_plan, split_hosts
-from areal_like.realloc.qwen2 import Qwen2Dims, hf_destination, vllm_destination
+from areal_like.core.realloc.plan import Plan, make_plan, split_hosts
+from areal_like.core.realloc.qwen2 import Qwen2Dims, hf_destination, vllm_destination
 
 __all__ = [
     "DestinationLayout",

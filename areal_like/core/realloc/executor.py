@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
-from areal_like.realloc.config import ReallocConfig
-from areal_like.realloc.group import ReallocError, ReallocGroup
-from areal_like.realloc.pack import (
+from areal_like.core.realloc.config import ReallocConfig
+from areal_like.core.realloc.group import ReallocError, ReallocGroup
+from areal_like.core.realloc.pack import (
     CopyList,
     FlatSource,
     local_copies,
@@ -48,7 +48,7 @@ from areal_like.realloc.pack import (
     unpack_copies,
     write_checksum,
 )
-from areal_like.realloc.plan import CHECKSUM_BYTES, Bucket, Plan
+from areal_like.core.realloc.plan import CHECKSUM_BYTES, Bucket, Plan
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from areal_like.bench import emit
+from benchmarks import emit
 
 
 def lognormal_lengths(n: int, median: int, cap: int, seed: int, sigma: float = 1.0) -> list[int]:
@@ -31,7 +31,7 @@ def lognormal_lengths(n: int, median: int, cap: int, seed: int, sigma: float = 1
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="areal-like bench gpu_rollout", description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="1.5b", help="model shape (areal_like/bench/_models.py)")
+    parser.add_argument("--shape", default="1.5b", help="model shape (benchmarks/_models.py)")
     parser.add_argument("--requests", type=int, default=512)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--median", type=int, default=1024, help="median forced response length")
@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from areal_like.bench._models import SHAPES, random_qwen2
+    from benchmarks._models import SHAPES, random_qwen2
     from rollout import vllm_adapter as adapter
     from rollout.config import VLLMConfig
     from rollout.engine import SamplingParams

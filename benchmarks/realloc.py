@@ -27,11 +27,11 @@ from dataclasses import dataclass
 import torch
 import torch.multiprocessing as mp
 
-from areal_like.bench import device_copy_seconds
-from areal_like.realloc import ReallocConfig, SourceLayout, hf_destination, make_plan, vllm_destination
-from areal_like.realloc.ipc import colocated_hosts
-from areal_like.realloc.plan import Plan
-from areal_like.realloc.qwen2 import Qwen2Dims, dims_for_bytes
+from areal_like.core.realloc import ReallocConfig, SourceLayout, hf_destination, make_plan, vllm_destination
+from areal_like.core.realloc.ipc import colocated_hosts
+from areal_like.core.realloc.plan import Plan
+from areal_like.core.realloc.qwen2 import Qwen2Dims, dims_for_bytes
+from benchmarks import device_copy_seconds
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -170,7 +170,7 @@ def _member(index: int, args: argparse.Namespace, port: int, tmp: str, queue) ->
 
 
 def _setup(index: int, args: argparse.Namespace):
-    from areal_like.realloc.synthetic import random_weights
+    from areal_like.core.realloc.synthetic import random_weights
 
     device = torch.device("cpu")
     if args.backend != "gloo":
@@ -186,9 +186,9 @@ def _setup(index: int, args: argparse.Namespace):
 
 
 def _split_member(index: int, args: argparse.Namespace, port: int) -> MemberResult:
-    from areal_like.realloc.executor import ReallocExecutor
-    from areal_like.realloc.pack import allocate_staging
-    from areal_like.realloc.synthetic import expected_engine_tensors, layout_sources
+    from areal_like.core.realloc.executor import ReallocExecutor
+    from areal_like.core.realloc.pack import allocate_staging
+    from areal_like.core.realloc.synthetic import expected_engine_tensors, layout_sources
 
     device, plan, weights = _setup(index, args)
     config = ReallocConfig(
@@ -236,9 +236,9 @@ def _split_member(index: int, args: argparse.Namespace, port: int) -> MemberResu
 
 
 def _ipc_member(index: int, args: argparse.Namespace, port: int, tmp: str) -> MemberResult:
-    from areal_like.realloc.executor import ReallocExecutor
-    from areal_like.realloc.ipc import IpcArena, open_ipc_staging
-    from areal_like.realloc.synthetic import expected_engine_tensors, layout_sources
+    from areal_like.core.realloc.executor import ReallocExecutor
+    from areal_like.core.realloc.ipc import IpcArena, open_ipc_staging
+    from areal_like.core.realloc.synthetic import expected_engine_tensors, layout_sources
 
     device, plan, weights = _setup(index, args)
     num_trainers = plan.source.num_ranks

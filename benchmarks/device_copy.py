@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from areal_like.bench import emit
-from areal_like.bench._models import SHAPES
+from benchmarks import emit
+from benchmarks._models import SHAPES
 
 
 def shapes(shape: str) -> list[tuple[int, int]]:

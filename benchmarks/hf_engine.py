@@ -1,4 +1,4 @@
-"""``areal-like bench engine``: HFEngine continuous batching vs plain ``model.generate`` on CPU.
+"""``areal-like bench hf_engine``: HFEngine continuous batching vs plain ``model.generate`` on CPU.
 
 Workload: ``--requests`` prompts of random token ids (lengths uniform in [min, max]), each with its
 own response budget drawn from a lognormal (median ``--median-new-tokens``, shape ``--sigma``,
@@ -180,7 +180,7 @@ def run_generate(model, prompts, budgets, s: EngineBenchSettings) -> ContenderRe
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="areal-like bench engine", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="areal-like bench hf_engine", description=__doc__.split("\n")[0])
     for name, default in asdict(EngineBenchSettings()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     settings = EngineBenchSettings(**vars(parser.parse_args(argv)))
@@ -218,7 +218,7 @@ def main(argv: list[str]) -> int:
         )
     print(f"continuous batching / model.generate: {ratio:.2f}x")
     figures = {
-        "bench": "engine",
+        "bench": "hf_engine",
         **asdict(settings),
         **{f"{r.name}_tokens_per_s": round(r.tokens_per_s, 1) for r in results},
         **{f"{r.name}_s": round(r.seconds, 3) for r in results},

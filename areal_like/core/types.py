@@ -1,7 +1,7 @@
 """Typed records that cross actor boundaries in the RL loop.
 
 Producers and consumers:
-- ``PromptRecord``: made by the dataset loaders and tasks (``areal_like.data``, ``areal_like.tasks``),
+- ``PromptRecord``: made by the dataset loaders and tasks (``areal_like.core.data``, ``areal_like.tasks``),
   held by the prompt dispatcher, handed to rollout workers inside a ``PromptGroup``.
 - ``PromptGroup``: made by the dispatcher when the staleness gate admits a prompt, consumed by a
   rollout worker, which generates ``num_samples`` responses for it.

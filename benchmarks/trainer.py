@@ -29,8 +29,8 @@ import time
 import numpy as np
 import torch
 
-from areal_like.algorithms import token_logprobs
-from areal_like.bench import emit
+from benchmarks import emit
+from trainer.algorithms import token_logprobs
 from trainer.batch import MicroBatch, SequenceSample, collate, collate_micro_batch
 from trainer.packing import balanced_partition, imbalance, plan_micro_batches
 
@@ -145,7 +145,7 @@ def main(argv: list[str]) -> int:
 
     from transformers import AutoModelForCausalLM
 
-    from areal_like.models import ModelBuildConfig, build_model
+    from areal_like.core.models import ModelBuildConfig, build_model
 
     torch.set_num_threads(args.threads)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -160,7 +160,7 @@ def main(argv: list[str]) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with tempfile.TemporaryDirectory() as tmp:
         if args.shape:
-            from areal_like.bench._models import random_qwen2
+            from benchmarks._models import random_qwen2
 
             path = random_qwen2(args.shape, f"{tmp}/model", 2048)
         else:

@@ -1,6 +1,6 @@
-"""Code rewards: run the model's program against test cases in the sandbox (``areal_like.sandbox``).
+"""Code rewards: run the model's program against test cases in the sandbox (``areal_like.tasks.sandbox``).
 
-Use: ``task.name=code`` (prompts from files), or ``task.reward_fn=areal_like.rewards_code:code_reward``.
+Use: ``task.name=code`` (prompts from files), or ``task.reward_fn=areal_like.tasks.code_reward:code_reward``.
 The ground truth ``answer`` of a prompt is a JSON object, one of:
 - ``{"tests": [{"input": "1 2\\n", "output": "3"}, ...]}``: the program reads stdin and prints; a test
   passes when it exits 0 and its stdout equals ``output`` up to surrounding whitespace;
@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 
-from areal_like.sandbox import SandboxLimits, run_python
+from areal_like.tasks.sandbox import SandboxLimits, run_python
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL)
 

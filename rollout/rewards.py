@@ -4,9 +4,9 @@ Plugging in a reward: any importable ``fn(response: str, answer: str) -> float``
 does not import torch. Name it in the run config as ``task.reward_fn=package.module:function`` (the
 attribute may be dotted); it replaces the task's own reward, is imported once at startup in the
 driver (a bad path fails before any actor starts) and once per reward worker process. Built in:
-``areal_like.tasks.arithmetic:addition_reward`` (synthetic addition), ``areal_like.rewards_math:
-math_reward`` (GSM8K/MATH answers, math-verify) and ``areal_like.rewards_code:code_reward`` (test
-cases run in ``areal_like.sandbox``). A function that needs more than ``task.reward_timeout_s`` per
+``areal_like.tasks.arithmetic:addition_reward`` (synthetic addition), ``areal_like.tasks.math_reward:
+math_reward`` (GSM8K/MATH answers, math-verify) and ``areal_like.tasks.code_reward:code_reward`` (test
+cases run in ``areal_like.tasks.sandbox``). A function that needs more than ``task.reward_timeout_s`` per
 item scores 0.0 'timeout'.
 
 Dataflow:
@@ -354,7 +354,7 @@ class _CallTimeout(BaseException):
 _WORKER_BOOTSTRAP = """\
 import json, sys
 sys.path[:] = json.loads(sys.argv[1])
-from areal_like.rewards import _worker_main
+from rollout.rewards import _worker_main
 _worker_main(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], float(sys.argv[5]))
 """
 """Worker entry: the caller's sys.path (the reward module imports as in the caller), then the loop."""

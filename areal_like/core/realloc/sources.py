@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from areal_like.realloc.layout import TensorSpec, zero3_partition_numel
-from areal_like.realloc.pack import FlatSource
+from areal_like.core.realloc.layout import TensorSpec, zero3_partition_numel
+from areal_like.core.realloc.pack import FlatSource
 
 
 def tensor_specs(module: torch.nn.Module, dtype: str) -> list[TensorSpec]:

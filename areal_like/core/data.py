@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from areal_like.types import PromptRecord
+from areal_like.core.types import PromptRecord
 
 logger = logging.getLogger(__name__)
 

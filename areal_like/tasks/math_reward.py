@@ -1,7 +1,7 @@
 """Math answer rewards with math-verify (Hugging Face): GSM8K- and MATH-style ground truths.
 
 Use: ``task.name=math`` (prompts from ``task.train_path``/``eval_path``), or set
-``task.reward_fn=areal_like.rewards_math:math_reward`` with any task. The response's final answer
+``task.reward_fn=areal_like.tasks.math_reward:math_reward`` with any task. The response's final answer
 (the last ``\\boxed{}``, a ``$...$`` expression, or a plain number) is compared with the ground truth
 by value: ``1/2``, ``0.5`` and ``\\frac{1}{2}`` are equal, ``2\\sqrt{2}`` equals ``\\sqrt{8}``, ``1,234``
 equals ``1234``. A GSM8K solution used as the ground truth counts by its final ``#### N`` line.

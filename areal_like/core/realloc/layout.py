@@ -11,12 +11,12 @@ transfer never needs one entry per row.
 
 Producers and consumers:
 - ``TensorSpec``: the *logical* tensors, named and shaped as the trainer's HF module names them;
-  made by ``areal_like.realloc.sources.tensor_specs`` (from a module) or ``Qwen2Dims.specs``.
+  made by ``areal_like.core.realloc.sources.tensor_specs`` (from a module) or ``Qwen2Dims.specs``.
 - ``SourceLayout``: which flat element range of each logical tensor each trainer rank holds
   (ZeRO-0/1/2: everything; ZeRO-3: DeepSpeed's even, padded flat partition).
 - ``DestinationLayout``: for each engine rank, the tensors it holds under the engine's own names,
   each assembled from rectangles of logical tensors (fused q/k/v, gate/up, TP slices).
-Both are consumed by ``areal_like.realloc.plan.make_plan``.
+Both are consumed by ``areal_like.core.realloc.plan.make_plan``.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 
-from areal_like.bench import emit
+from benchmarks import emit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
 
     from areal_like.config import load_config
     from areal_like.controller import run_training
-    from areal_like.models import ModelBuildConfig, build_model
+    from areal_like.core.models import ModelBuildConfig, build_model
 
     work = args.workdir or tempfile.mkdtemp(prefix="rl-async-")
     model_dir = os.path.join(work, "model")

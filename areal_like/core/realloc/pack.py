@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from areal_like.realloc.layout import EngineTensor, Rect, TensorSpec, view2d
-from areal_like.realloc.plan import ALIGN_BYTES, CHECKSUM_BYTES, Bucket, Plan
+from areal_like.core.realloc.layout import EngineTensor, Rect, TensorSpec, view2d
+from areal_like.core.realloc.plan import ALIGN_BYTES, CHECKSUM_BYTES, Bucket, Plan
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -33,7 +33,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 class FlatSource:
     """A trainer rank's elements ``[start, start + tensor.numel())`` of one logical tensor.
 
-    Produced by ``areal_like.realloc.sources.flat_sources`` (the whole parameter under ZeRO-0/1/2,
+    Produced by ``areal_like.core.realloc.sources.flat_sources`` (the whole parameter under ZeRO-0/1/2,
     its ``ds_tensor`` partition under ZeRO-3, padding included), consumed by the sender side.
     """
 

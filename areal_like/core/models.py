@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from areal_like.tokenizer import DEFAULT_ALPHABET, check_alphabet
+from areal_like.core.tokenizer import DEFAULT_ALPHABET, check_alphabet
 
 if TYPE_CHECKING:
     import torch
@@ -82,7 +82,7 @@ def make_model(cfg: ModelBuildConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    from areal_like.tokenizer import build_char_tokenizer
+    from areal_like.core.tokenizer import build_char_tokenizer
 
     tokenizer = build_char_tokenizer(cfg.alphabet)
     tokenizer.model_max_length = cfg.max_position_embeddings
@@ -172,6 +172,6 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 def _require_dir(path: str) -> None:
     if not os.path.isdir(path):
         raise FileNotFoundError(
-            f"model directory {path!r} does not exist; build one with areal_like.models.build_model "
+            f"model directory {path!r} does not exist; build one with areal_like.core.models.build_model "
             "(only local paths are loaded, never a hub id)"
         )
