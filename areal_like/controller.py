@@ -35,6 +35,7 @@ import ray
 from areal_like import checkpoint as ckpt
 from areal_like import launch, placement
 from areal_like.config import Config, to_yaml
+from areal_like.core.types import TRAJECTORY_COLUMNS
 from areal_like.dispatch import PromptDispatcher
 from areal_like.metrics import (
     JsonlSink,
@@ -50,10 +51,10 @@ from areal_like.step_metrics import step_metrics
 from areal_like.stop import StopRequest
 from areal_like.weight_sync import WeightSync
 from datastore import make_datastore
-from datastore.policies import split_for_ranks, split_imbalance
 from datastore.types import DataStoreSamplesLost, DataStoreTimeout, SampleMeta
 from rollout.supervisor import RolloutSupervisor
-from trainer.worker import TRAIN_COLUMNS, TrainStats
+from trainer.packing import imbalance, split_for_ranks
+from trainer.worker import TrainStats
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +260,11 @@ class RLController:
         while True:
             try:
                 batch = self.store.get_batch_meta(
-                    TRAIN_TASK, TRAIN_COLUMNS, cfg.train.batch_groups, min_version=min_version, timeout_s=0.5
+                    TRAIN_TASK,
+                    list(TRAJECTORY_COLUMNS),
+                    cfg.train.batch_groups,
+                    min_version=min_version,
+                    timeout_s=0.5,
                 )
             except DataStoreTimeout:
                 batch = None
@@ -289,7 +294,7 @@ class RLController:
         dropped, its groups regenerated, and the loop waits for another)."""
         start = time.perf_counter()
         shards = split_for_ranks(batch, len(self.trainers))
-        self.split_imbalance = split_imbalance(shards)
+        self.split_imbalance = imbalance([sum(m.length for m in shard) for shard in shards])
         colocated = self.config.placement.devices == "colocated"
         if colocated:  # the engines give the GPUs to the trainer ranks for the step
             self._on_workers("sleep")
@@ -372,7 +377,7 @@ class RLController:
         metrics.update(self.rollout.metrics())
         metrics.update(stats[0].metrics)  # the trainer's namespaced keys, already global over ranks
         metrics.update(self.store.stats().as_metrics())
-        metrics["datastore/split_imbalance"] = self.split_imbalance
+        metrics["train/group_split_imbalance"] = self.split_imbalance
         metrics["datastore/lost_groups_total"] = gate.lost_total
         metrics["realloc/group_rebuilds_total"] = self.weights.rebuilds_total
         self.metrics.log(self.step, metrics)

@@ -10,7 +10,8 @@ filter or evicted as stale at batch time are taken back out of ``accepted`` so t
 refilled; otherwise evictions would shrink the capacity and the run would stall.
 
 Batch time: a sample whose oldest token has version < v - eta is never trained on
-(``is_stale``); the datastore evicts it and the gate hears of it through ``on_evicted``.
+(``datastore.policies.is_stale`` with ``min_allowed_version``); the datastore evicts it and the
+gate hears of it through ``on_evicted``.
 """
 
 from __future__ import annotations
@@ -86,11 +87,6 @@ class StalenessGate:
         self.state = GateState(**asdict(state))
         self.state.running = 0
         self.state.accepted = self.state.version * self.batch_groups + num_buffered_groups
-
-
-def is_stale(min_version: int, version: int, max_staleness: int) -> bool:
-    """True when a sample whose oldest token has ``min_version`` may not be trained at ``version``."""
-    return min_version < version - max_staleness
 
 
 def min_allowed_version(version: int, max_staleness: int) -> int:

@@ -3,7 +3,7 @@
 A controller actor holds per-sample metadata (ready columns, versions, which task took it), N
 storage-unit actors spread over the Ray nodes hold the arrays, and ``DataStoreClient`` talks to both
 (see ``controller`` for the dataflow, ``index`` for the metadata and its costs, ``policies`` for the
-sampling policies and the DP split). Build one with ``make_datastore(config)``; pass the client to
+sampling policies). Build one with ``make_datastore(config)``; pass the client to
 any actor that needs it.
 """
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the names below load on first use (PEP 562): ``datastore.config`` stays Ray-free
     from datastore.client import DataStoreClient
     from datastore.config import DataStoreConfig
-    from datastore.policies import SAMPLING_POLICIES, make_sampling_policy, split_for_ranks, split_imbalance
+    from datastore.policies import SAMPLING_POLICIES, make_sampling_policy
     from datastore.types import (
         BatchMeta,
         DataStoreSamplesLost,
@@ -31,8 +31,6 @@ _LAZY = {
     "DataStoreConfig": "datastore.config",
     "SAMPLING_POLICIES": "datastore.policies",
     "make_sampling_policy": "datastore.policies",
-    "split_for_ranks": "datastore.policies",
-    "split_imbalance": "datastore.policies",
     "BatchMeta": "datastore.types",
     "DataStoreSamplesLost": "datastore.types",
     "DataStoreTimeout": "datastore.types",
@@ -62,8 +60,6 @@ __all__ = [
     "StoreStats",
     "make_datastore",
     "make_sampling_policy",
-    "split_for_ranks",
-    "split_imbalance",
 ]
 
 logger = logging.getLogger(__name__)

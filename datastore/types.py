@@ -1,7 +1,7 @@
 """Records of the datastore: what writers send, what readers get back, and store statistics.
 
 Producers and consumers:
-- ``SampleWrite``: made by rollout workers (``SampleWrite.from_trajectory``), sent by
+- ``SampleWrite``: made by writers (rollout workers: ``Trajectory.sample_write``), sent by
   ``DataStoreClient.put``; its columns go to one storage unit, the rest to the controller.
 - ``SampleMeta`` / ``BatchMeta``: made by the controller, returned by ``get_batch_meta`` to trainer
   ranks, which pass them to ``get_data`` (and their sample ids to ``release``).
@@ -21,14 +21,11 @@ Shape legend: P = prompt length, R = response length (tokens).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from datastore.wire import Endpoint
-
-if TYPE_CHECKING:
-    from areal_like.core.types import Trajectory
 
 
 class DataStoreTimeout(TimeoutError):
@@ -70,18 +67,6 @@ class SampleWrite:
     """Newest policy version among the sample's tokens."""
     length: int
     """Tokens in the sample (prompt + response), for token-budget batching."""
-
-    @classmethod
-    def from_trajectory(cls, traj: Trajectory) -> SampleWrite:
-        return cls(
-            sample_id=traj.sample_id,
-            group_id=traj.group_id,
-            group_size=traj.group_size,
-            columns=traj.columns(),
-            min_version=traj.min_version,
-            max_version=traj.max_version,
-            length=len(traj.prompt_ids) + len(traj.response_ids),
-        )
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,7 @@ def build_group_writes(
             reward_status=score.status,
             latency_s=latency_s,
         )
-        write = SampleWrite.from_trajectory(trajectory)
+        write = trajectory.sample_write()
         write.columns[META_COLUMN] = meta.column()
         writes.append(write)
     return writes

@@ -4,7 +4,8 @@ Pure functions over lists of lengths (no torch), deterministic, so every rank co
 from the same inputs without talking.
 
 - ``balanced_partition``: k parts with near-equal token sums (Karmarkar-Karp's largest differencing
-  method, or greedy longest-first onto the lightest part), for spreading a batch over ranks.
+  method, or greedy longest-first onto the lightest part), optionally with equal item counts.
+- ``split_for_ranks``: a batch's sample records over data-parallel ranks, whole groups per rank.
 - ``plan_micro_batches``: the fewest micro-batches (at least ``min_count``) that respect a token
   budget; packed micro-batches cost the sum of their lengths, padded ones count x longest; both
   are runs of the length-sorted order, so little padding is left and rows stay narrow.
@@ -14,44 +15,84 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from datastore.types import SampleMeta
 
 
-def balanced_partition(weights: list[int], k: int, algorithm: str = "kk") -> list[list[int]]:
+def balanced_partition(
+    weights: Sequence[int], k: int, algorithm: str = "kk", equal_counts: bool = False
+) -> list[list[int]]:
     """Indices of ``weights`` split into ``k`` parts with near-equal sums; each part sorted.
 
-    kk: Karmarkar-Karp generalised to k parts (merge the two partial partitions with the largest
-    spread, heaviest part onto lightest), usually within a few tokens of optimal.
+    kk: Karmarkar-Karp's largest differencing generalised to k parts: start from partial
+    partitions, repeatedly merge the two with the largest spread (heaviest part of one onto the
+    lightest of the other). Usually within a few tokens of optimal; O(n log n).
+    With ``equal_counts`` every part gets len(weights) / k items (as verl's sequence balancing):
+    the partial partitions start as runs of k items of the weight-sorted order, one item per part,
+    so every merge keeps the counts equal.
     ffd: longest first onto the currently lightest part (LPT), within 4/3 of optimal.
     """
-    assert k >= 1
+    if k < 1:
+        raise ValueError(f"balanced_partition: k={k}: must be >= 1")
+    n = len(weights)
+    if equal_counts and n % k:
+        raise ValueError(f"balanced_partition: {n} items cannot go to {k} parts in equal numbers")
+    order = sorted(range(n), key=lambda i: (-weights[i], i))
     if algorithm == "ffd":
+        if equal_counts:
+            raise ValueError("balanced_partition: equal_counts needs algorithm 'kk'")
         parts: list[list[int]] = [[] for _ in range(k)]
-        heap = [(0, p) for p in range(k)]
-        for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
-            load, p = heapq.heappop(heap)
+        loads = [(0, p) for p in range(k)]
+        for i in order:
+            load, p = heapq.heappop(loads)
             parts[p].append(i)
-            heapq.heappush(heap, (load + weights[i], p))
-        return [sorted(p) for p in parts]
+            heapq.heappush(loads, (load + weights[i], p))
+        return [sorted(part) for part in parts]
     if algorithm != "kk":
         raise ValueError(f"unknown partition algorithm {algorithm!r}; use 'kk' or 'ffd'")
-    # Each heap entry is a partial k-way partition: (-spread, tie, [(sum, indices)] sorted by sum desc).
-    heap = []
-    for tie, i in enumerate(sorted(range(len(weights)), key=lambda i: (-weights[i], i))):
-        parts_i = [(weights[i], [i])] + [(0, []) for _ in range(k - 1)]
-        heapq.heappush(heap, (-weights[i], tie, parts_i))
-    if not heap:
+    if n == 0:
         return [[] for _ in range(k)]
-    tie = len(weights)
+    if equal_counts:
+        seeds = [order[start : start + k] for start in range(0, n, k)]
+    else:
+        seeds = [[i] for i in order]
+    # A heap entry is a partial k-way partition: (-spread, tiebreak, [(sum, indices)] by sum, descending).
+    heap: list[tuple[int, int, list[tuple[int, list[int]]]]] = []
+    for tie, seed in enumerate(seeds):
+        partial = [(weights[i], [i]) for i in seed] + [(0, []) for _ in range(k - len(seed))]
+        partial.sort(key=lambda part: -part[0])
+        heap.append((-(partial[0][0] - partial[-1][0]), tie, partial))
+    heapq.heapify(heap)
+    tie = len(seeds)
     while len(heap) > 1:
         _, _, a = heapq.heappop(heap)
         _, _, b = heapq.heappop(heap)
-        # heaviest of a with lightest of b, and so on
         merged = [(sa + sb, ia + ib) for (sa, ia), (sb, ib) in zip(a, reversed(b), strict=True)]
-        merged.sort(key=lambda x: -x[0])
+        merged.sort(key=lambda part: -part[0])
         heapq.heappush(heap, (-(merged[0][0] - merged[-1][0]), tie, merged))
         tie += 1
-    return [sorted(idx) for _, idx in heap[0][2]]
+    return [sorted(indices) for _, indices in heap[0][2]]
+
+
+def split_for_ranks(batch: Sequence[SampleMeta], num_ranks: int) -> list[list[SampleMeta]]:
+    """A batch over ``num_ranks`` data-parallel ranks: whole groups (GRPO's baseline needs them on
+    one rank), equal group (hence sample) counts, token totals balanced (``balanced_partition``
+    with equal counts). Within a rank, groups keep their batch order."""
+    groups: dict[int, list[SampleMeta]] = {}
+    for meta in batch:
+        groups.setdefault(meta.group_id, []).append(meta)
+    if len(groups) % max(num_ranks, 1):
+        raise ValueError(
+            f"split_for_ranks: {len(groups)} groups cannot go to {num_ranks} ranks in equal numbers; "
+            "make the batch's group count (train.batch_groups) a multiple of the rank count"
+        )
+    group_ids = list(groups)
+    weights = [sum(m.length for m in groups[gid]) for gid in group_ids]
+    parts = balanced_partition(weights, num_ranks, "kk", equal_counts=True)
+    return [[m for j in part for m in groups[group_ids[j]]] for part in parts]
 
 
 def keep_local(parts: list[list[int]], owners: list[int]) -> list[list[int]]:

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from areal_like.core.digest import state_dict_digest  # noqa: F401 (re-exported for tests)
+from areal_like.core.types import TRAJECTORY_COLUMNS
 from datastore.types import DataStoreSamplesLost
 from trainer.advantages import normalize_with, sequence_scores, token_advantages
 from trainer.algorithms import (
@@ -54,7 +55,6 @@ from trainer.stats import TrainStats, summarize
 
 logger = logging.getLogger(__name__)
 
-TRAIN_COLUMNS = ["prompt_ids", "response_ids", "behav_logprobs", "versions", "reward"]
 CHECKPOINT_TAG = "trainer"
 
 
@@ -165,7 +165,7 @@ class TrainerRank:
         cfg = self.config
         lost = None
         try:
-            columns = store.get_data(samples_meta, TRAIN_COLUMNS)
+            columns = store.get_data(samples_meta, list(TRAJECTORY_COLUMNS))
             local = [
                 (m, float(c["reward"][0]), len(c["response_ids"]))
                 for m, c in zip(samples_meta, columns, strict=True)
@@ -211,7 +211,7 @@ class TrainerRank:
         have = {m.sample_id: c for m, c in zip(samples_meta, columns, strict=True)}
         missing = [metas[i] for i in mine if metas[i].sample_id not in have]
         if missing:
-            fetched = store.get_data(missing, TRAIN_COLUMNS)
+            fetched = store.get_data(missing, list(TRAJECTORY_COLUMNS))
             have.update(zip((m.sample_id for m in missing), fetched, strict=True))
         samples = []
         for i in mine:

@@ -14,9 +14,11 @@ Shape legend: P = prompt length, R = response length (tokens).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+
+from datastore.types import SampleWrite
 
 # Datastore column names under which a trajectory is stored.
 TRAJECTORY_COLUMNS = ("prompt_ids", "response_ids", "behav_logprobs", "versions", "reward")
@@ -83,7 +85,6 @@ class Trajectory:
     engine_id: int = 0
     reward_status: str = "ok"
     """'ok', 'error' (the reward function raised) or 'timeout'."""
-    extras: dict[str, float] = field(default_factory=dict)
 
     @property
     def sample_id(self) -> str:
@@ -96,6 +97,18 @@ class Trajectory:
     @property
     def max_version(self) -> int:
         return int(self.versions.max()) if len(self.versions) else -1
+
+    def sample_write(self) -> SampleWrite:
+        """The trajectory as the datastore stores it: its columns plus the metadata readers select on."""
+        return SampleWrite(
+            sample_id=self.sample_id,
+            group_id=self.group_id,
+            group_size=self.group_size,
+            columns=self.columns(),
+            min_version=self.min_version,
+            max_version=self.max_version,
+            length=len(self.prompt_ids) + len(self.response_ids),
+        )
 
     def columns(self) -> dict[str, np.ndarray]:
         """The trajectory as datastore columns (names in ``TRAJECTORY_COLUMNS``)."""

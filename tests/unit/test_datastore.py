@@ -28,7 +28,7 @@ def make_sample(group_id: int, index: int, group_size: int, versions: list[int] 
         reward=float(group_id) + 0.5 * index,
         finish_reason="stop",
     )
-    return SampleWrite.from_trajectory(traj)
+    return traj.sample_write()
 
 
 def make_group(group_id: int, group_size: int = 2, version: int = 0) -> list[SampleWrite]:

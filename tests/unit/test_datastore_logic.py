@@ -8,12 +8,13 @@ import threading
 import numpy as np
 import pytest
 
-from datastore import DataStoreConfig, SampleMeta, split_for_ranks, split_imbalance
+from datastore import DataStoreConfig, SampleMeta
 from datastore.index import MetadataIndex
 from datastore.packing import pack_rows, unpack_rows
 from datastore.policies import FreshestFirst, OldestFirst, make_sampling_policy
 from datastore.types import SampleMetaColumns
 from datastore.wire import WireClient, WireError, WireServer
+from trainer.packing import imbalance, split_for_ranks
 
 COLUMNS = ("response_ids", "reward")
 
@@ -143,7 +144,8 @@ def test_split_for_ranks_gives_whole_groups_equal_counts_and_balanced_tokens():
         assert group_ids == sorted(group_ids)  # batch order kept within a rank
     assert sorted(m.sample_id for shard in shards for m in shard) == sorted(m.sample_id for m in batch)
     naive = [batch[i * 32 : (i + 1) * 32] for i in range(4)]  # contiguous chunks of 8 groups
-    assert split_imbalance(shards) < 0.01 < split_imbalance(naive)
+    tokens = [[sum(m.length for m in shard) for shard in split] for split in (shards, naive)]
+    assert imbalance(tokens[0]) < 1.01 < imbalance(tokens[1])
 
 
 def test_split_for_ranks_refuses_a_group_count_that_does_not_divide():

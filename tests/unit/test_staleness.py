@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from areal_like.core.types import PromptRecord
 from areal_like.dispatch import PromptDispatcher
-from areal_like.staleness import GateState, StalenessGate, is_stale
+from areal_like.staleness import GateState, StalenessGate, min_allowed_version
+from datastore.policies import is_stale
 
 
 def test_synchronous_gate_admits_exactly_one_batch_per_version():
@@ -51,9 +52,9 @@ def test_restore_resets_running_and_recounts_accepted():
 
 
 def test_batch_time_bound_is_hard():
-    assert not is_stale(min_version=3, version=5, max_staleness=2)
-    assert is_stale(min_version=2, version=5, max_staleness=2)
-    assert is_stale(min_version=4, version=5, max_staleness=0)
+    assert not is_stale(3, min_allowed_version(version=5, max_staleness=2))
+    assert is_stale(2, min_allowed_version(version=5, max_staleness=2))
+    assert is_stale(4, min_allowed_version(version=5, max_staleness=0))
 
 
 def _dispatcher(n=5, eta=0, batch=2):
