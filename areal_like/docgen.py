@@ -25,7 +25,9 @@ DOC_PATH = os.path.join(
 def field_docs(cls: type) -> dict[str, str]:
     """Docstrings written under the fields of dataclass ``cls``."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
+    class_def = tree.body[0]
+    assert isinstance(class_def, ast.ClassDef), f"{cls.__name__}: source does not start with a class"
+    body = class_def.body
     docs = {}
     for node, after in zip(body, body[1:], strict=False):
         if (
@@ -64,10 +66,11 @@ def render(root: type = Config) -> str:
     def section(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
         docs = field_docs(cls)
-        rows, children = [], []
+        rows: list[str] = []
+        children: list[tuple[type, str]] = []
         for field in dataclasses.fields(cls):
             tp = hints[field.name]
-            if dataclasses.is_dataclass(tp):
+            if isinstance(tp, type) and dataclasses.is_dataclass(tp):
                 children.append((tp, f"{prefix}{field.name}."))
                 continue
             key, meaning = f"{prefix}{field.name}", docs.get(field.name, "")

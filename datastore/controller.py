@@ -322,6 +322,7 @@ class DataStoreController:
 
     async def _delete_on(self, unit: int, sample_ids: list[str]) -> None:
         try:
+            assert self._wire is not None, "start() makes the wire client before any delete"
             await self._wire.call(self._unit_endpoints[unit], "delete", (sample_ids,), _UNIT_CALL_TIMEOUT_S)
         except Exception as err:  # fault boundary: a dead unit is marked, anything else is logged
             if isinstance(err, (WireError, TimeoutError)) and await self._is_dead(unit):

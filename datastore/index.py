@@ -23,7 +23,7 @@ from __future__ import annotations
 import heapq
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 
 from datastore.policies import SamplingPolicy, is_stale
@@ -190,7 +190,7 @@ class MetadataIndex:
         pending = self._pending_for(task)
         stale_for_task: list[int] = []
 
-        def candidates() -> Iterator[GroupRecord]:
+        def candidates() -> Generator[GroupRecord, None, None]:
             for group_id in pending:
                 group = self.groups[group_id]
                 if is_stale(group.min_version, min_version):
@@ -205,7 +205,7 @@ class MetadataIndex:
             del pending[group_id]
         if len(chosen) < num_groups:
             return None
-        samples = []
+        samples: list[SampleMeta] = []
         for group in chosen:
             del pending[group.group_id]
             group.claimed_by.add(task)

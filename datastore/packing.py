@@ -74,9 +74,10 @@ def pack_rows(sample_ids: list[str], rows: list[dict[str, np.ndarray]]) -> Packe
         if not _packable(arrays):
             out.loose[name] = arrays
             continue
-        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
-        np.cumsum([len(a) for a in arrays], out=offsets[1:])
-        out.packed[name] = PackedColumn(np.concatenate(arrays), offsets)
+        present = [a for a in arrays if a is not None]  # all of them, as _packable checked
+        offsets = np.zeros(len(present) + 1, dtype=np.int64)
+        np.cumsum([len(a) for a in present], out=offsets[1:])
+        out.packed[name] = PackedColumn(np.concatenate(present), offsets)
     return out
 
 

@@ -15,7 +15,7 @@ import heapq
 import itertools
 import logging
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +31,14 @@ class GroupCandidate(Protocol):
     """Tokens over the group's samples (prompt + response)."""
 
 
+G = TypeVar("G", bound=GroupCandidate)
+"""A group record type a policy reads (the controller's): policies hand back what they were given."""
+
+
 class SamplingPolicy(Protocol):
     """Chooses the groups one get_batch_meta call claims."""
 
-    def select(self, candidates: Iterable[GroupCandidate], num_groups: int) -> list[GroupCandidate]:
+    def select(self, candidates: Iterable[G], num_groups: int) -> list[G]:
         """Up to ``num_groups`` of ``candidates`` (given oldest first, possibly lazily) in the order
         the batch should hold them. Fewer than ``num_groups`` means "not enough": nothing is claimed.
         Cost: take what you need; a policy that looks at every candidate is O(ready groups) per call."""
@@ -44,7 +48,7 @@ class SamplingPolicy(Protocol):
 class OldestFirst:
     """The ``num_groups`` oldest (first completed) groups: FIFO, bounded staleness, O(num_groups)."""
 
-    def select(self, candidates: Iterable[GroupCandidate], num_groups: int) -> list[GroupCandidate]:
+    def select(self, candidates: Iterable[G], num_groups: int) -> list[G]:
         return list(itertools.islice(candidates, num_groups))
 
 
@@ -53,7 +57,7 @@ class FreshestFirst:
     the buffer runs ahead of training, at O(ready groups) per call. Older groups wait (and are
     evicted once past eta)."""
 
-    def select(self, candidates: Iterable[GroupCandidate], num_groups: int) -> list[GroupCandidate]:
+    def select(self, candidates: Iterable[G], num_groups: int) -> list[G]:
         ranked = heapq.nsmallest(
             num_groups, enumerate(candidates), key=lambda item: (-item[1].min_version, item[0])
         )

@@ -76,7 +76,8 @@ class TransferStats:
 @dataclass
 class _InFlight:
     bucket: Bucket
-    work: object
+    work: torch.distributed.Work | None
+    """The collective's handle (None when this member neither sends nor receives the bucket)."""
     buf: torch.Tensor
     sending: bool
 

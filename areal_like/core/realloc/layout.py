@@ -22,7 +22,7 @@ Both are consumed by ``areal_like.core.realloc.plan.make_plan``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8, "int64": 8, "int32": 4, "uint8": 1}
 """Item size of every dtype the plan accepts (names as ``str(torch.dtype)`` without 'torch.')."""
@@ -145,6 +145,8 @@ class SourceLayout:
     """Every (rank, tensor, flat range) held; ranges of different ranks may overlap (replicas)."""
     kind: str
     """'replicated' (ZeRO-0/1/2: every rank holds every parameter) or 'zero3' (flat partitions)."""
+    _index: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
+    """Name -> spec, built in ``__post_init__``."""
 
     @classmethod
     def replicated(cls, specs: list[TensorSpec], num_ranks: int) -> SourceLayout:

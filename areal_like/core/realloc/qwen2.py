@@ -69,6 +69,12 @@ class Qwen2Dims:
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
 
+    @property
+    def head_size(self) -> int:
+        """``head_dim`` once resolved (``__post_init__`` fills in the default)."""
+        assert self.head_dim is not None
+        return self.head_dim
+
     @classmethod
     def from_config(cls, config) -> Qwen2Dims:
         """From a transformers ``Qwen2Config`` (or anything with the same attributes)."""
@@ -85,7 +91,7 @@ class Qwen2Dims:
 
     def specs(self, dtype: str) -> list[TensorSpec]:
         """Logical tensors in ``Qwen2ForCausalLM.named_parameters()`` order (tied lm_head omitted)."""
-        H, I, hd = self.hidden_size, self.intermediate_size, self.head_dim  # noqa: E741
+        H, I, hd = self.hidden_size, self.intermediate_size, self.head_size  # noqa: E741
         q, kv = self.num_heads * hd, self.num_kv_heads * hd
         out = [TensorSpec("model.embed_tokens.weight", (self.vocab_size, H), dtype)]
         for i in range(self.num_layers):
@@ -124,7 +130,7 @@ def vllm_destination(
     dims: Qwen2Dims, dtype: str, num_engines: int, tp_size: int, vocab_padding: int = VLLM_VOCAB_PADDING
 ) -> DestinationLayout:
     """M vLLM engines of ``tp_size`` ranks each; engine rank ``e*tp_size + k`` is TP rank k of engine e."""
-    H, I, hd = dims.hidden_size, dims.intermediate_size, dims.head_dim  # noqa: E741
+    H, I, hd = dims.hidden_size, dims.intermediate_size, dims.head_size  # noqa: E741
     Hq, Hkv = dims.num_heads, dims.num_kv_heads
     if num_engines < 1 or tp_size < 1:
         raise ValueError(f"num_engines={num_engines}, tp_size={tp_size}: both must be >= 1")
@@ -242,4 +248,5 @@ def dims_for_bytes(target_bytes: int, dtype_bytes: int) -> Qwen2Dims:
             best = (score, dims)
         if layers == 1:
             break
+    assert best is not None, "the loop runs at least once"
     return best[1]
