@@ -8,6 +8,8 @@ cd "$root"
 echo "[test] ruff"
 ruff check .
 ruff format --check .
+echo "[test] mypy"
+mypy
 echo "[test] pytest"
 set +e
 python -m pytest -m "not gpu" "$@"
