@@ -123,25 +123,17 @@ def ds_config(spec: EngineSpec, world_size: int, with_optimizer: bool = True) ->
     return config
 
 
-def load_model(path: str, spec: EngineSpec, value_head: bool = False):
-    """A causal LM (or, with ``value_head``, a token-level value model on the same backbone) in fp32."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
+def load_train_model(path: str, spec: EngineSpec, value_head: bool = False):
+    """A causal LM (or, with ``value_head``, a token-level value model on the same backbone) in fp32,
+    set up for training as ``spec`` asks: no KV cache, gradient checkpointing."""
+    from areal_like.core.models import load_model
 
-    if value_head:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        config.num_labels = 1
-        config.classifier_dropout = 0.0
-        model = AutoModelForTokenClassification.from_pretrained(
-            path,
-            config=config,
-            local_files_only=True,
-            dtype=torch.float32,
-            attn_implementation=spec.attn_implementation,
-        )
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=torch.float32, attn_implementation=spec.attn_implementation
-        )
+    model = load_model(
+        path,
+        torch.float32,
+        attn_implementation=spec.attn_implementation,
+        value_head=value_head,
+    )
     model.config.use_cache = False
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
