@@ -69,6 +69,9 @@ class SFTConfig:
     """ZeRO-Offload of the optimizer to CPU (zero_stage >= 1)."""
     attn_implementation: str = "sdpa"
     """transformers attention backend: sdpa, eager or flash_attention_2 (GPU)."""
+    fp32_lm_head: bool = False
+    """Multiply the output head in fp32 (logits in fp32 under bf16; costs 4 bytes x vocabulary per
+    token of a micro-batch). No effect on CPU."""
     optimizer: str = "adamw"
     """adamw or sgd."""
     lr: float = 1e-5
