@@ -315,14 +315,15 @@ def token_logprobs_and_entropy(
 
     As vLLM does, the logits are cast to fp32 first and then divided by the temperature. The
     log-softmax runs over ``chunk_tokens`` positions at a time and the backward recomputes each
-    chunk's softmax, so no fp32 [N * T, V] tensor exists at once (only the logits themselves and
-    their gradient, in the model's dtype). Results are fp32 [N, T].
+    chunk's softmax, so no fp32 [N * T, V] tensor exists at once besides the logits themselves and
+    their gradient (in the model's dtype: bf16 on GPU unless train.fp32_lm_head). Results are fp32
+    [N, T].
     """
     assert chunk_tokens >= 1, f"chunk_tokens={chunk_tokens}"
     vocab = logits.shape[-1]
-    scale = temperature if temperature > 0 else 1.0
+    scored_at = temperature if temperature > 0 else 1.0
     logp, entropy = _ChunkedTokenLogprobs.apply(
-        logits.reshape(-1, vocab), tokens.reshape(-1), scale, chunk_tokens, with_entropy
+        logits.reshape(-1, vocab), tokens.reshape(-1), scored_at, chunk_tokens, with_entropy
     )
     return logp.view(tokens.shape), entropy.view(tokens.shape) if with_entropy else None
 

@@ -173,8 +173,8 @@ def load_model(
 
     _require_dir(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if no_dropout:
-        zero_dropout(config)
+    if no_dropout and (changed := zero_dropout(config)):
+        logger.info("%s: dropout set to 0 (was on: %s)", path, ", ".join(changed))
     model_class = AutoModelForCausalLM
     if value_head:
         config.num_labels = 1

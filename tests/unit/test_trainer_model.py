@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from areal_like.core.models import ModelBuildConfig, build_model, load_model
+from areal_like.core.models import ModelBuildConfig, build_model, load_model, zero_dropout
 from trainer.config import TrainConfig
 from trainer.deepspeed_engine import EngineSpec, load_train_model
 
@@ -74,3 +74,13 @@ def test_the_value_head_model_gives_one_value_per_position(model_dir):
     model = load_train_model(model_dir, EngineSpec.of_train(TrainConfig()), value_head=True)
     assert model.config.num_labels == 1 and model.config.attention_dropout == 0.0
     assert model(input_ids=INPUT_IDS).logits.shape == (1, INPUT_IDS.shape[1], 1)
+
+
+def test_zero_dropout_finds_every_dropout_field_by_name():
+    from transformers import GPT2Config
+
+    config = GPT2Config()  # resid_pdrop, embd_pdrop, attn_pdrop, summary_first_dropout: 0.1 each
+    changed = zero_dropout(config)
+    assert set(changed) == {"resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout"}
+    assert config.resid_pdrop == config.embd_pdrop == config.attn_pdrop == config.summary_first_dropout == 0.0
+    assert zero_dropout(config) == []
