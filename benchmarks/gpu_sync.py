@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import tempfile
 import time
 import traceback
 
+from areal_like.core.net import free_port
 from benchmarks import device_copy_seconds, emit
 
 BUCKET_MB = 256
@@ -109,12 +109,6 @@ def _digest(model) -> str:
     return state_dict_digest(model.state_dict())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---- colocated: one process, one GPU ---------------------------------------------------------------
 def _colocated(args, model_dir: str) -> dict:
     import torch
@@ -129,7 +123,7 @@ def _colocated(args, model_dir: str) -> dict:
     engine = _engine(args, model_dir)
     arena = open_ipc_staging(plan, engine.make_arena(plan, 0))
     config = ReallocConfig(enabled=True, backend="nccl", placement="colocated", bucket_mb=BUCKET_MB)
-    executor = ReallocExecutor(plan, 0, config, "127.0.0.1", _free_port())
+    executor = ReallocExecutor(plan, 0, config, "127.0.0.1", free_port("127.0.0.1"))
     sources = flat_sources(trainer, 0, 1)
     sync_s, write_s, phases = [], [], []
     for rep in range(args.repeats + 1):
@@ -168,7 +162,7 @@ def _split(args, model_dir: str) -> dict:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    port, floor_port = _free_port(), _free_port()
+    port, floor_port = free_port("127.0.0.1"), free_port("127.0.0.1")
     to_trainer, to_engine, results = ctx.Queue(), ctx.Queue(), ctx.Queue()
     procs = []
     for gpu, target, queue in (

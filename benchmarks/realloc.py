@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import pickle
-import socket
 import statistics
 import tempfile
 import time
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.multiprocessing as mp
 
+from areal_like.core.net import free_port
 from areal_like.core.realloc import ReallocConfig, SourceLayout, hf_destination, make_plan, vllm_destination
 from areal_like.core.realloc.ipc import colocated_hosts
 from areal_like.core.realloc.plan import Plan
@@ -139,18 +139,12 @@ def _spawn(args: argparse.Namespace, plan: Plan) -> list[MemberResult]:
     queue = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory(prefix="realloc-bench-") as tmp:
         mp.start_processes(
-            _member, args=(args, _free_port(), tmp, queue), nprocs=nprocs, start_method="spawn"
+            _member, args=(args, free_port("127.0.0.1"), tmp, queue), nprocs=nprocs, start_method="spawn"
         )
         results = []
         while not queue.empty():
             results.append(queue.get())
     return sorted(results, key=lambda r: r.index)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- one spawned process -----------------------------------------------------------------------------

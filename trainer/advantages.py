@@ -3,7 +3,8 @@
 Order (AReaL's): overlong penalty, bias, scale, clip, optional batch normalisation, GRPO's group
 normalisation (algo grpo); then per token: the sequence score on the last response token, minus
 ``kl.coef`` x KL on every token when the KL is placed in the reward, then GAE with the critic's
-values (algo ppo) or with zero values (grpo: the reward-to-go), then optional batch normalisation.
+values (algo ppo) or with zero values (grpo: the reward-to-go, discounted by ``gamma`` only when
+there are KL rewards), then optional batch normalisation.
 Everything here works on the response layout [N, R] of one rank, or on the global batch's scalars.
 """
 
@@ -63,8 +64,11 @@ def token_advantages(
     if kl is not None:
         token_rewards = token_rewards - cfg.kl.coef * kl * mask
     if values is None:
-        # GRPO: no critic; with zero values GAE is the discounted reward-to-go for any lambda.
-        return gae_advantages(token_rewards, torch.zeros_like(mask), mask, cfg.gamma, 1.0)
+        # GRPO: no critic; with zero values GAE is the discounted reward-to-go for any lambda. As
+        # train.gamma says, it discounts only when KL rewards make the rewards per token; the
+        # sequence score alone reaches every token of its response undiscounted.
+        gamma = cfg.gamma if kl is not None else 1.0
+        return gae_advantages(token_rewards, torch.zeros_like(mask), mask, gamma, 1.0)
     return gae_advantages(token_rewards, values, mask, cfg.gamma, cfg.gae_lambda)
 
 

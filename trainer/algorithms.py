@@ -283,25 +283,98 @@ def sft_loss(logp: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor:
     return -(logp * token_weights).sum()
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+LOGPROB_CHUNK_TOKENS = 1024
+"""Tokens per chunk of the fp32 log-softmax (``token_logprobs_and_entropy``): a chunk's [1024, V]
+fp32 at Qwen's V = 151,936 is 0.6 GB, against 10 GB for a whole 16k-token micro-batch (peak
+memory: ``areal-like bench logprob_memory``)."""
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int = LOGPROB_CHUNK_TOKENS,
+) -> torch.Tensor:
     """Log-prob of each next token: logits [N, T, V] predict tokens [N, T] (already shifted).
 
     Divides by the sampling temperature so the trainer scores tokens under the same distribution
     the engine sampled from (temperature 0 means greedy and is scored at temperature 1).
     """
-    return token_logprobs_and_entropy(logits, tokens, temperature, with_entropy=False)[0]
+    logp, _ = token_logprobs_and_entropy(logits, tokens, temperature, False, chunk_tokens)
+    return logp
 
 
 def token_logprobs_and_entropy(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, with_entropy: bool = True
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    chunk_tokens: int = LOGPROB_CHUNK_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``token_logprobs`` plus the entropy of each position's distribution [N, T] (no gradient)."""
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = torch.gather(logprobs, -1, tokens.unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return chosen, entropy
+    """``token_logprobs`` plus the entropy of each position's distribution [N, T] (no gradient).
+
+    As vLLM does, the logits are cast to fp32 first and then divided by the temperature. The
+    log-softmax runs over ``chunk_tokens`` positions at a time and the backward recomputes each
+    chunk's softmax, so no fp32 [N * T, V] tensor exists at once besides the logits themselves and
+    their gradient (in the model's dtype: bf16 on GPU unless train.fp32_lm_head). Results are fp32
+    [N, T].
+    """
+    assert chunk_tokens >= 1, f"chunk_tokens={chunk_tokens}"
+    vocab = logits.shape[-1]
+    scored_at = temperature if temperature > 0 else 1.0
+    logp, entropy = _ChunkedTokenLogprobs.apply(
+        logits.reshape(-1, vocab), tokens.reshape(-1), scored_at, chunk_tokens, with_entropy
+    )
+    return logp.view(tokens.shape), entropy.view(tokens.shape) if with_entropy else None
+
+
+def _tempered_fp32(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A fresh fp32 copy of ``logits`` divided by ``temperature`` (the caller may modify it in place)."""
+    z = logits.to(torch.float32, copy=True)
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """logits [M, V], tokens [M] -> (log-prob of each token [M] fp32, entropy [M] fp32 or empty).
+
+    Forward keeps only the per-position log-sum-exp [M]; backward rebuilds each chunk's softmax p
+    from it: d logp_t / d z = (onehot(token_t) - p) / temperature.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature: float, chunk_tokens: int, with_entropy: bool):
+        num_positions = logits.shape[0]
+        logp = torch.empty(num_positions, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(logp)
+        entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
+        for start in range(0, num_positions, chunk_tokens):
+            end = min(start + chunk_tokens, num_positions)
+            z = _tempered_fp32(logits[start:end], temperature)
+            chunk_lse = torch.logsumexp(z, dim=-1)
+            lse[start:end] = chunk_lse
+            logp[start:end] = z.gather(-1, tokens[start:end, None]).squeeze(-1) - chunk_lse
+            if with_entropy:  # in place: two [chunk, V] fp32 tensors at most
+                z.sub_(chunk_lse[:, None])  # log-probs of the chunk
+                entropy[start:end] = -z.exp().mul_(z).sum(-1)
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        logits, tokens, lse = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        grad_logits = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.chunk_tokens):
+            end = min(start + ctx.chunk_tokens, logits.shape[0])
+            g = grad_logp[start:end, None].float()
+            p = _tempered_fp32(logits[start:end], ctx.temperature).sub_(lse[start:end, None]).exp_()
+            grad = p.mul_(-g).scatter_add_(-1, tokens[start:end, None], g)
+            if ctx.temperature != 1.0:
+                grad.div_(ctx.temperature)
+            grad_logits[start:end] = grad
+        return grad_logits, None, None, None, None

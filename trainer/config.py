@@ -127,6 +127,11 @@ class TrainConfig:
     per micro-batch without the attention between sequences, padded to max_tokens_per_micro_batch so
     its kernels compile once, on the first step; backward is GPU-only), or flash_attention_2 (GPU,
     needs the flash-attn package)."""
+    fp32_lm_head: bool = False
+    """Multiply the output head in fp32 (ScaleRL): bf16 weights and hidden states are cast up, so
+    logits, log-probs and the importance ratios come from fp32 logits. Costs a [tokens, V] fp32 logits
+    tensor (and its gradient) per micro-batch instead of bf16: 4 bytes x vocabulary per token, e.g.
+    0.6 MB per token at Qwen's 151,936; size max_tokens_per_micro_batch for it. No effect on CPU."""
     optimizer: str = "adamw"
     """adamw, or sgd (plain SGD, for exact-gradient tests)."""
     lr: float = 1e-3
@@ -170,7 +175,8 @@ class TrainConfig:
     adv_batch_norm: bool = False
     """Normalise advantages over all response tokens of the global batch (mean 0, std 1)."""
     gamma: float = 1.0
-    """Discount of per-token rewards (GAE; also applies to GRPO when KL is in the reward)."""
+    """Discount of per-token rewards (GAE; also applies to GRPO when KL is in the reward). GRPO
+    without KL rewards ignores it: every response token gets its sequence's advantage."""
     gae_lambda: float = 1.0
     """GAE lambda (PPO with a critic; e.g. 0.95)."""
 

@@ -11,7 +11,7 @@ import torch
 
 from trainer.algorithms import value_loss
 from trainer.batch import MicroBatch
-from trainer.deepspeed_engine import EngineSpec, load_model, make_engine
+from trainer.deepspeed_engine import EngineSpec, load_train_model, make_engine
 
 CHECKPOINT_TAG = "critic"
 
@@ -19,7 +19,7 @@ CHECKPOINT_TAG = "critic"
 class Critic:
     def __init__(self, model_path: str, spec: EngineSpec, world_size: int) -> None:
         self.world_size = world_size
-        self.engine = make_engine(load_model(model_path, spec, value_head=True), spec, world_size)
+        self.engine = make_engine(load_train_model(model_path, spec, value_head=True), spec, world_size)
 
     def _forward(self, micro: MicroBatch) -> torch.Tensor:
         return self.engine(**micro.model_inputs()).logits.squeeze(-1).float()

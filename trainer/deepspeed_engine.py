@@ -34,6 +34,8 @@ class EngineSpec:
     offload_optimizer: bool = False
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
+    fp32_lm_head: bool = False
+    """The output head's matmul in fp32 (logits in fp32 whatever the model's dtype)."""
 
     @classmethod
     def of_train(cls, cfg, **overrides) -> EngineSpec:
@@ -53,6 +55,7 @@ class EngineSpec:
             offload_optimizer=cfg.offload_optimizer,
             gradient_checkpointing=cfg.gradient_checkpointing,
             attn_implementation=cfg.attn_implementation,
+            fp32_lm_head=cfg.fp32_lm_head,
         )
         fields.update(overrides)
         return cls(**fields)
@@ -123,29 +126,40 @@ def ds_config(spec: EngineSpec, world_size: int, with_optimizer: bool = True) ->
     return config
 
 
-def load_model(path: str, spec: EngineSpec, value_head: bool = False):
-    """A causal LM (or, with ``value_head``, a token-level value model on the same backbone) in fp32."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
+def load_train_model(path: str, spec: EngineSpec, value_head: bool = False):
+    """A causal LM (or, with ``value_head``, a token-level value model on the same backbone) in fp32,
+    set up for training as ``spec`` asks: every dropout off (the trainer runs in train mode, which
+    transformers needs to checkpoint activations, yet scores tokens as the engines do), no KV
+    cache, gradient checkpointing, and an fp32 output head."""
+    from areal_like.core.models import load_model
 
-    if value_head:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        config.num_labels = 1
-        config.classifier_dropout = 0.0
-        model = AutoModelForTokenClassification.from_pretrained(
-            path,
-            config=config,
-            local_files_only=True,
-            dtype=torch.float32,
-            attn_implementation=spec.attn_implementation,
-        )
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=torch.float32, attn_implementation=spec.attn_implementation
-        )
+    model = load_model(
+        path,
+        torch.float32,
+        attn_implementation=spec.attn_implementation,
+        value_head=value_head,
+        no_dropout=True,
+    )
     model.config.use_cache = False
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.fp32_lm_head and not value_head:
+        fp32_output_head(model.get_output_embeddings())
     return model
+
+
+def fp32_output_head(head: torch.nn.Linear) -> None:
+    """Make the output head multiply in fp32 (ScaleRL): bf16 weights and hidden states are cast up
+    first, so the logits [.., V] come out in fp32 whatever the model's dtype."""
+    import types
+
+    assert isinstance(head, torch.nn.Linear), f"fp32_lm_head expects a Linear output head, got {type(head)}"
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return torch.nn.functional.linear(hidden.float(), self.weight.float(), bias)
+
+    head.forward = types.MethodType(forward, head)
 
 
 def make_engine(model, spec: EngineSpec, world_size: int, with_optimizer: bool = True):
@@ -165,8 +179,15 @@ def make_engine(model, spec: EngineSpec, world_size: int, with_optimizer: bool =
     engine, _, _, _ = deepspeed.initialize(
         model=model, config=ds_config(spec, world_size, with_optimizer), **kwargs
     )
-    if not with_optimizer:
-        engine.eval()
+    # Trainable engines run in train mode: transformers checkpoints activations only there (dropout
+    # is off, see load_train_model); a frozen engine (the reference) runs in eval mode.
+    engine.train(with_optimizer)
+    module = engine.module
+    logger.info(
+        "%s engine: %s mode, gradient checkpointing %s",
+        type(module).__name__, "train" if module.training else "eval",
+        "on" if module.training and getattr(module, "is_gradient_checkpointing", False) else "off",
+    )  # fmt: skip
     return engine
 
 

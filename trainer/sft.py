@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 
@@ -23,10 +22,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from areal_like.core.net import free_port
 from trainer.algorithms import loss_token_weights, sft_loss, token_logprobs
 from trainer.batch import SequenceSample, collate_micro_batch, dummy_micro_batch
+from trainer.collectives import all_reduce_floats
 from trainer.config import LR_SCHEDULES, OPTIMIZERS, check_one_of
-from trainer.deepspeed_engine import EngineSpec, init_distributed, load_model, make_engine
+from trainer.deepspeed_engine import EngineSpec, init_distributed, load_train_model, make_engine
 from trainer.packing import agree_on_micro_batches, balanced_partition
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,9 @@ class SFTConfig:
     """ZeRO-Offload of the optimizer to CPU (zero_stage >= 1)."""
     attn_implementation: str = "sdpa"
     """transformers attention backend: sdpa, eager or flash_attention_2 (GPU)."""
+    fp32_lm_head: bool = False
+    """Multiply the output head in fp32 (logits in fp32 under bf16; costs 4 bytes x vocabulary per
+    token of a micro-batch). No effect on CPU."""
     optimizer: str = "adamw"
     """adamw or sgd."""
     lr: float = 1e-5
@@ -168,7 +172,7 @@ class SFTRank:
         self.samples = load_sft_samples(config, self.tokenizer)
         self.steps_per_epoch = math.ceil(len(self.samples) / config.batch_size)
         spec = EngineSpec.of_train(config, total_steps=config.epochs * self.steps_per_epoch)
-        model = load_model(config.model_path, spec)
+        model = load_train_model(config.model_path, spec)
         self.pad_id = model.config.pad_token_id or 0
         self.engine = make_engine(model, spec, world_size)
 
@@ -253,11 +257,7 @@ class SFTRank:
         return self.config.output_dir
 
     def _all_reduce(self, values: list[float], op) -> list[float]:
-        if self.world_size == 1:
-            return [float(v) for v in values]
-        tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor, op=op)
-        return tensor.tolist()
+        return all_reduce_floats(values, op, self.world_size, self.device)
 
 
 def run_sft(config: SFTConfig) -> SFTResult:
@@ -268,9 +268,7 @@ def run_sft(config: SFTConfig) -> SFTResult:
     owns_ray = not ray.is_initialized()
     if owns_ray:
         ray.init(include_dashboard=False, configure_logging=False, log_to_driver=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port("127.0.0.1")
     actor = ray.remote(SFTRank).options(num_cpus=0, max_concurrency=1)
     ranks = [actor.remote(config, r, config.num_ranks, "127.0.0.1", port) for r in range(config.num_ranks)]
     try:

@@ -47,9 +47,10 @@ from trainer.batch import (
     dummy_micro_batch,
     split_even,
 )
+from trainer.collectives import all_reduce_floats
 from trainer.config import TrainConfig
 from trainer.critic import Critic
-from trainer.deepspeed_engine import EngineSpec, init_distributed, load_model, make_engine
+from trainer.deepspeed_engine import EngineSpec, init_distributed, load_train_model, make_engine
 from trainer.packing import agree_on_micro_batches, balanced_partition, imbalance, keep_local
 from trainer.stats import TrainStats, summarize
 
@@ -99,7 +100,7 @@ class TrainerRank:
         self.device = init_distributed(rank, world_size, master_addr, master_port, config.dist_timeout_s)
         torch.manual_seed(seed)  # new weights (a critic's value head) must match on every rank
         spec = EngineSpec.of_train(config)
-        model = load_model(model_path, spec)
+        model = load_train_model(model_path, spec)
         self.pad_id = model.config.pad_token_id or 0
         self.engine = make_engine(model, spec, world_size)
         self.ref = None
@@ -108,7 +109,7 @@ class TrainerRank:
             # state and gradients, which it has none of, so it runs unsharded (stage 0).
             stage = 3 if config.zero_stage == 3 else 0
             ref_spec = EngineSpec.of_train(config, zero_stage=stage, gradient_checkpointing=False)
-            ref_model = load_model(config.kl.ref_model_path or model_path, ref_spec)
+            ref_model = load_train_model(config.kl.ref_model_path or model_path, ref_spec)
             self.ref = make_engine(ref_model, ref_spec, world_size, with_optimizer=False)
         self.critic = None
         if config.algo == "ppo":
@@ -416,11 +417,7 @@ class TrainerRank:
 
     # ---- collectives ---------------------------------------------------------------------------
     def _all_reduce(self, values: list[float], op) -> list[float]:
-        if self.world_size == 1:
-            return [float(v) for v in values]
-        tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor, op=op)
-        return tensor.tolist()
+        return all_reduce_floats(values, op, self.world_size, self.device)
 
     def _all_gather(self, obj) -> list:
         if self.world_size == 1:
@@ -468,9 +465,6 @@ class TrainerRank:
         if weights is None:
             return None
         return state_dict_digest(weights)
-
-    def optimizer_step_count(self) -> int:
-        return int(self.engine.global_steps)
 
     def save_checkpoint(self, directory: str) -> None:
         """Model, optimizer, LR scheduler (and critic) of every rank into ``directory`` (collective)."""

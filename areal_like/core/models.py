@@ -152,13 +152,55 @@ def _move_into_place(tmp_dir: str, out_dir: str) -> None:
     shutil.rmtree(old_dir, ignore_errors=True)
 
 
-def load_model(path: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Load a causal LM from a local directory (float32 unless ``dtype`` says otherwise)."""
+def load_model(
+    path: str,
+    dtype: torch.dtype | None = None,
+    *,
+    attn_implementation: str | None = None,
+    value_head: bool = False,
+    no_dropout: bool = False,
+) -> PreTrainedModel:
+    """Load a causal LM from a local directory (float32 unless ``dtype`` says otherwise).
+
+    ``attn_implementation``: transformers' attention backend (None: its default). ``value_head``:
+    the same backbone with a one-output token-classification head instead (a critic; the head is
+    new, randomly initialised from torch's global RNG, and never drops out). ``no_dropout``: every
+    dropout probability of the model config is set to 0 before the modules are built, so train mode
+    (needed for gradient checkpointing) computes what eval mode does.
+    """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
 
     _require_dir(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, local_files_only=True)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if no_dropout and (changed := zero_dropout(config)):
+        logger.info("%s: dropout set to 0 (was on: %s)", path, ", ".join(changed))
+    model_class = AutoModelForCausalLM
+    if value_head:
+        config.num_labels = 1
+        config.classifier_dropout = 0.0
+        model_class = AutoModelForTokenClassification
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    return model_class.from_pretrained(
+        path, config=config, dtype=dtype or torch.float32, local_files_only=True, **kwargs
+    )
+
+
+def zero_dropout(config) -> list[str]:
+    """Set every dropout probability of a transformers config (and of its sub-configs) to 0; returns
+    the names of the fields that were not 0 already. Fields are found by name: ``*dropout*`` and
+    GPT-2's ``*_pdrop``."""
+    from transformers import PretrainedConfig
+
+    changed = []
+    for name, value in list(vars(config).items()):
+        if isinstance(value, PretrainedConfig):
+            changed += [f"{name}.{inner}" for inner in zero_dropout(value)]
+        elif ("dropout" in name or name.endswith("_pdrop")) and type(value) in (int, float):
+            if value:
+                changed.append(name)
+            setattr(config, name, 0.0)
+    return changed
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:

@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from areal_like.core.net import free_port
+
 NUM_RANKS = 2
 STAGES = (2, 3)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _trainer(rank: int, ds_port: int, ports: dict[int, int], tmp: str) -> None:
@@ -117,9 +112,12 @@ def _main(index: int, ds_port: int, ports: dict[int, int], tmp: str, queue) -> N
 def test_deepspeed_zero2_and_zero3_ranks_fill_an_hf_engine_bit_for_bit(tmp_path):
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    ports = {stage: _free_port() for stage in STAGES}
+    ports = {stage: free_port("127.0.0.1") for stage in STAGES}
     mp.start_processes(
-        _main, args=(_free_port(), ports, str(tmp_path), queue), nprocs=NUM_RANKS + 1, start_method="spawn"
+        _main,
+        args=(free_port("127.0.0.1"), ports, str(tmp_path), queue),
+        nprocs=NUM_RANKS + 1,
+        start_method="spawn",
     )
     results = {}
     while not queue.empty():

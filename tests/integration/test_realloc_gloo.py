@@ -6,7 +6,6 @@ each on its own realloc port, and reports per process; the tests below assert on
 
 from __future__ import annotations
 
-import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from areal_like.core.net import free_port
 from areal_like.core.realloc.qwen2 import Qwen2Dims
 
 NUM_TRAINERS, NUM_ENGINE_PROCS = 2, 2
@@ -69,12 +69,6 @@ class Report:
 def _weights(base: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
     """The trainer's weights at ``version``: distinct per version, identical on every process."""
     return {n: t + 0.25 * version for n, t in base.items()}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(index: int, ports: dict[str, int], queue) -> None:
@@ -152,7 +146,7 @@ def _worker(index: int, ports: dict[str, int], queue) -> None:
 def reports() -> dict[tuple[str, str], Report]:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    ports = {sc.name: _free_port() for sc in SCENARIOS}
+    ports = {sc.name: free_port("127.0.0.1") for sc in SCENARIOS}
     started = time.perf_counter()
     mp.start_processes(
         _worker, args=(ports, queue), nprocs=NUM_TRAINERS + NUM_ENGINE_PROCS, start_method="spawn"

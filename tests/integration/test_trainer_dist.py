@@ -9,7 +9,6 @@ results. Plain SGD makes the comparisons sensitive to any error in the gradient'
 from __future__ import annotations
 
 import queue
-import socket
 import time
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from areal_like.core.net import free_port
 from trainer.config import KLConfig, RewardConfig, TrainConfig
 
 pytestmark = pytest.mark.slow
@@ -112,9 +112,7 @@ def _weights(trainer) -> dict[str, np.ndarray]:
     import deepspeed
 
     out = {}
-    engines = [("policy.", trainer.deepspeed_engine)] + (
-        [("critic.", trainer.critic.engine)] if trainer.critic else []
-    )
+    engines = [("policy.", trainer.engine)] + ([("critic.", trainer.critic.engine)] if trainer.critic else [])
     for prefix, engine in engines:
         params = list(engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=trainer.config.zero_stage == 3):
@@ -180,12 +178,6 @@ def _two_rank_job(rank, port, model_dir, out):
     out.put((f"rank{rank}", results))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     from areal_like.core.models import ModelBuildConfig, build_model
@@ -197,8 +189,9 @@ def results(tmp_path_factory):
     )
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    two_rank_port = _free_port()
-    procs = [ctx.Process(target=_single_rank_job, args=(_free_port(), model_dir, str(tmp / "ckpt"), out))]
+    two_rank_port = free_port("127.0.0.1")
+    single_port = free_port("127.0.0.1")
+    procs = [ctx.Process(target=_single_rank_job, args=(single_port, model_dir, str(tmp / "ckpt"), out))]
     procs += [ctx.Process(target=_two_rank_job, args=(r, two_rank_port, model_dir, out)) for r in range(2)]
     for p in procs:
         p.start()

@@ -4,32 +4,25 @@ packed micro-batches (NCCL, world size 1). Run on the GPU machine: ``pytest -m g
 from __future__ import annotations
 
 import math
-import socket
 
 import numpy as np
 import pytest
 import torch
 
+from areal_like.core.net import free_port
 from tests.integration.test_trainer_dist import DictStore, make_batch
 from trainer.config import KLConfig, TrainConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _weights(trainer) -> dict[str, np.ndarray]:
     import deepspeed
 
-    params = list(trainer.deepspeed_engine.module.parameters())
+    params = list(trainer.engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=trainer.config.zero_stage == 3):
         return {
-            k: v.detach().float().cpu().numpy().copy()
-            for k, v in trainer.deepspeed_engine.module.state_dict().items()
+            k: v.detach().float().cpu().numpy().copy() for k, v in trainer.engine.module.state_dict().items()
         }
 
 
@@ -43,7 +36,7 @@ def test_bf16_zero2_and_zero3_train_ppo_with_reference_on_gpu(tmp_path):
     )
     store, metas = make_batch(num_groups=8, group_size=8)
     assert isinstance(store, DictStore)
-    port = _free_port()
+    port = free_port("127.0.0.1")
     losses = {}
     for stage in (2, 3):
         cfg = TrainConfig(
@@ -57,7 +50,7 @@ def test_bf16_zero2_and_zero3_train_ppo_with_reference_on_gpu(tmp_path):
             warmup_steps=1,
         )
         trainer = TrainerRank(cfg, 0, 1, "127.0.0.1", port, model_dir, 64, 1.0, 0, 30)
-        assert trainer.deepspeed_engine.bfloat16_enabled() and trainer.device.type == "cuda"
+        assert trainer.engine.bfloat16_enabled() and trainer.device.type == "cuda"
         before = _weights(trainer)
         step_stats = [trainer.train_step(store, metas) for _ in range(3)]
         after = _weights(trainer)

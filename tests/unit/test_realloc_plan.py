@@ -315,17 +315,14 @@ def test_copy_lists_copy_big_pieces_one_by_one_and_small_ones_together():
 def test_a_receive_whose_sender_never_started_the_version_is_refused():
     """The receiver's last check: every member it received from marked the version in the store
     (a gloo broadcast can complete with stale bytes when its sender closes its sockets)."""
-    import socket
-
+    from areal_like.core.net import free_port
     from areal_like.core.realloc.executor import ReallocExecutor
     from areal_like.core.realloc.group import ReallocError, ReallocGroup
 
     plan = make_plan(
         SourceLayout.replicated(DIMS.specs("float32"), 1), hf_destination(DIMS, "float32", 1), 4096
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port("127.0.0.1")
     names = [plan.member_name(m) for m in range(plan.num_members)]
     trainer = ReallocGroup(0, names, "127.0.0.1", port, "gloo", 5.0, 5.0)  # hosts the store
     trainer.mark(1, 0)  # the trainer started version 1 only
