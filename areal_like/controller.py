@@ -54,6 +54,7 @@ from datastore import make_datastore
 from datastore.client import DataStoreClient
 from datastore.policies import split_for_ranks, split_imbalance
 from datastore.types import DataStoreSamplesLost, DataStoreTimeout, SampleMeta
+from rollout.samples import ForcedLengths
 from rollout.supervisor import RolloutSupervisor
 from trainer.worker import TRAIN_COLUMNS, TrainStats
 
@@ -86,8 +87,12 @@ class RunSummary:
 
 
 class RLController:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, forced_lengths: ForcedLengths | None = None) -> None:
+        """``forced_lengths``: throughput benchmarks only (eos ignored, lognormal response lengths)."""
+        if forced_lengths is not None:
+            forced_lengths.check_cap(config.rollout.max_new_tokens)
         self.config = config
+        self.forced_lengths = forced_lengths
         self.run_dir: str = os.path.abspath(config.run.dir)
         self.step: int = 0
         """Train steps done (restored on resume)."""
@@ -216,6 +221,7 @@ class RLController:
                 seed,
                 worker_id,
                 self.trainer_opts,
+                self.forced_lengths,
             )
 
         if cfg.placement.devices == "colocated":
@@ -530,5 +536,5 @@ class RLController:
         return self.rollout.check()
 
 
-def run_training(config: Config) -> RunSummary:
-    return RLController(config).run()
+def run_training(config: Config, forced_lengths: ForcedLengths | None = None) -> RunSummary:
+    return RLController(config, forced_lengths).run()

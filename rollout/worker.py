@@ -49,7 +49,7 @@ from areal_like.core.types import PromptGroup, PromptRecord
 from rollout.config import RolloutConfig
 from rollout.engine import EngineConfig, RequestHandle, SamplingParams, make_engine
 from rollout.rewards import RewardPool
-from rollout.samples import build_group_writes, forced_length, rewards_all_equal
+from rollout.samples import ForcedLengths, build_group_writes, forced_length, rewards_all_equal
 
 logger = logging.getLogger(__name__)
 
@@ -128,12 +128,15 @@ class RolloutWorker:
         store,
         seed: int,
         version: int,
+        forced_lengths: ForcedLengths | None = None,
     ) -> None:
+        """``forced_lengths``: benchmarks only (eos ignored, lognormal lengths); None in training."""
         from areal_like.core.models import load_model, load_tokenizer
 
         torch.set_num_threads(config.torch_threads)
         self.worker_id = worker_id
         self.config = config
+        self.forced_lengths = forced_lengths
         self.dispatcher = dispatcher
         self.store = store
         self.tokenizer = load_tokenizer(model_path)
@@ -236,12 +239,10 @@ class RolloutWorker:
 
     def _params_for(self, group_id: int, index: int) -> SamplingParams:
         """The run's sampling params, or (benchmarks) a forced lognormal length with eos ignored."""
-        median = self.config.forced_length_median
-        if median is None:
+        forced = self.forced_lengths
+        if forced is None:
             return self.params
-        length = forced_length(
-            median, self.config.forced_length_sigma, self.config.max_new_tokens, group_id, index
-        )
+        length = forced_length(forced.median, forced.sigma, self.config.max_new_tokens, group_id, index)
         return dataclasses.replace(self.params, max_new_tokens=length, stop_token_ids=())
 
     def _collect_finished_groups(self) -> list[_GroupInFlight]:

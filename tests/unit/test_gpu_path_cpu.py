@@ -11,7 +11,7 @@ import torch
 
 from areal_like.config import ConfigError, load_config
 from rollout.config import VLLMConfig
-from rollout.samples import forced_length
+from rollout.samples import ForcedLengths, forced_length
 
 GPU_RECIPE = "configs/gpu_addition.yaml"
 
@@ -37,7 +37,6 @@ def test_vllm_settings_are_validated():
         (["realloc.backend=gloo"], "realloc.backend='nccl'"),
         (["placement.devices=colocated"], "realloc.placement='colocated'"),
         (["placement.devices=gpu"], "allowed values are 'cpu', 'split', 'colocated'"),
-        (["rollout.forced_length_median=9"], "forced_length_median=9"),
     ],
 )
 def test_device_placement_errors_name_the_fix(overrides, message):
@@ -54,6 +53,17 @@ def test_gpu_recipe_loads_for_both_placements():
     )
     colocated = load_config(GPU_RECIPE, ["placement.devices=colocated", "realloc.placement=colocated"])
     assert colocated.placement.devices == "colocated"
+
+
+def test_a_forced_length_median_beyond_the_cap_is_refused_before_the_run_naming_the_fix():
+    from areal_like.controller import RLController
+
+    config = load_config(GPU_RECIPE)  # rollout.max_new_tokens=3
+    with pytest.raises(ValueError, match=r"ForcedLengths.median=9: .*rollout.max_new_tokens=3"):
+        RLController(config, forced_lengths=ForcedLengths(median=9))
+    RLController(config, forced_lengths=ForcedLengths(median=3))
+    with pytest.raises(ValueError, match="ForcedLengths.sigma=-1"):
+        ForcedLengths(median=3, sigma=-1)
 
 
 def test_forced_lengths_are_fixed_per_sample_and_lognormal():
