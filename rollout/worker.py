@@ -369,9 +369,8 @@ class RolloutWorker:
         from areal_like.core.realloc.executor import ReallocExecutor
         from areal_like.core.realloc.pack import allocate_staging
 
-        if getattr(self, "realloc", None) is not None:  # rebuilt: leave the old group first
-            self.realloc.close(wait_s=2.0)
-        self.realloc = ReallocExecutor(plan, member, config, master_addr, master_port)
+        previous = getattr(self, "realloc", None)
+        self.realloc = ReallocExecutor.rejoin(previous, plan, member, config, master_addr, master_port)
         self.staging = {engine_rank: allocate_staging(plan, engine_rank)}
 
     def weights_digest(self) -> str:
