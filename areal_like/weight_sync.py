@@ -13,11 +13,12 @@ Two paths behind one ``push(version)``:
   generating only after that sync.
 Either way ``push`` returns only when every engine reports the new version; the controller advances
 the dispatcher after that.
-vLLM engines (``rollout.engine: vllm``) take the same two paths: the object-store weights reach the
-engine core over CUDA IPC; the plan targets vLLM's own fused parameters (``vllm_destination``) in
-the engine's dtype. Split placement: the engine cores are plan members on NCCL. Colocated placement:
-each engine allocates a staging arena that its GPU's trainer rank maps over CUDA IPC and writes into
-(``realloc/ipc.py``); the engines then load it (``load_staged``).
+Every engine kind takes the same two paths behind the engine interface (``rollout/engine.py``): the
+plan targets the engines' own layout (``plan_destination``: the HF state dict in float32, or vLLM's
+fused parameters in its dtype) and each engine hosts its receiver (vLLM's in its engine core, an
+NCCL member under split placement). Colocated placement (vLLM): each engine allocates a staging
+arena that its GPU's trainer rank maps over CUDA IPC and writes into (``realloc/ipc.py``); the
+engines then load it (``load_staged``).
 """
 
 from __future__ import annotations
@@ -86,14 +87,9 @@ class WeightSync:
     def _join_plan(self, model_path: str) -> None:
         from transformers import AutoConfig
 
-        from areal_like.core.realloc import (
-            Qwen2Dims,
-            SourceLayout,
-            hf_destination,
-            make_plan,
-            vllm_destination,
-        )
+        from areal_like.core.realloc import Qwen2Dims, SourceLayout, make_plan
         from areal_like.core.realloc.ipc import colocated_hosts
+        from rollout.engine import plan_destination
 
         cfg = self.config
         self.members = list(self.rollout.active)
@@ -101,15 +97,10 @@ class WeightSync:
         self.colocated = cfg.placement.devices == "colocated"
         dims = Qwen2Dims.from_config(AutoConfig.from_pretrained(model_path, local_files_only=True))
         n, m = len(self.trainers), len(self.members)
-        if cfg.rollout.engine == "vllm":
-            dtype = cfg.rollout.vllm.dtype
-            dest = vllm_destination(dims, dtype, m, 1)
-        else:
-            dtype = "float32"
-            dest = hf_destination(dims, dtype, m)
+        engine = cfg.rollout.engine_config()
         plan = make_plan(
-            SourceLayout.for_zero_stage(dims.specs(dtype), n, cfg.train.zero_stage),
-            dest,
+            SourceLayout.for_zero_stage(dims.specs(engine.weights_dtype), n, cfg.train.zero_stage),
+            plan_destination(engine, dims, m),
             cfg.realloc.bucket_bytes,
             hosts=colocated_hosts(n, m) if self.colocated else None,
             checksum=cfg.realloc.checksum,

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rollout.engine import EngineConfig
 
 
 @dataclass
@@ -95,6 +99,18 @@ class RolloutConfig:
     """torch intra-op threads per worker (keep workers x threads within the machine's cores)."""
     weight_update_timeout_s: float = 120.0
     """How long a weight update may wait for an engine before the run fails naming it."""
+
+    def engine_config(self, model_path: str = "", seed: int = 0) -> EngineConfig:
+        """The ``EngineConfig`` of one worker's engine (``model_path``: a local HF directory)."""
+        from rollout.engine import EngineConfig
+
+        return EngineConfig(
+            type=self.engine,
+            model_path=model_path,
+            max_batch_size=self.engine_max_batch_size,
+            seed=seed,
+            vllm=self.vllm,
+        )
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:

@@ -151,3 +151,21 @@ def test_vllm_engine_needs_a_model_directory():
 
     with pytest.raises(ValueError, match="model_path"):
         make_engine(EngineConfig(type="vllm"))
+
+
+def test_each_engine_kind_names_the_layout_and_dtype_the_plan_writes_into():
+    from areal_like.core.realloc import Qwen2Dims
+    from rollout.engine import plan_destination
+
+    dims = Qwen2Dims(
+        vocab_size=100, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1
+    )
+    vllm = load_config(GPU_RECIPE, ["rollout.vllm.dtype=float16"]).rollout.engine_config()
+    hf = load_config(GPU_RECIPE, ["rollout.engine=hf", "placement.devices=split"]).rollout.engine_config()
+    assert (vllm.weights_dtype, hf.weights_dtype) == ("float16", "float32")
+    for engine, naming, fused in ((vllm, "vllm", True), (hf, "hf", False)):
+        layout = plan_destination(engine, dims, 2)
+        names = {t.name for t in layout.ranks[0]}
+        assert layout.naming == naming and layout.num_ranks == 2
+        assert ("model.layers.0.self_attn.qkv_proj.weight" in names) == fused
+        assert {t.dtype for t in layout.ranks[1]} == {engine.weights_dtype}
