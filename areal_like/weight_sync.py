@@ -106,7 +106,9 @@ class WeightSync:
             checksum=cfg.realloc.checksum,
         )
         logger.info("weight reallocation plan:\n%s", plan.format())
-        host, port = ray.get(self.trainers[0].__ray_call__.remote(_free_port_here), timeout=120)
+        [(host, port)] = self._wait(
+            [self.trainers[0].__ray_call__.remote(_free_port_here)], "trainer", "free port", timeout_s=120
+        )
         if self.colocated:
             handles = self._wait(
                 [w.make_arena.remote(plan, i) for i, w in enumerate(self.members)], "rollout worker", "arena"
@@ -138,8 +140,6 @@ class WeightSync:
 
 def _free_port_here(_actor) -> tuple[str, int]:
     """(node IP, a free port) where the calling actor runs; the plan group's store lives there."""
-    import socket
+    from areal_like.core.net import free_port
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return ray.util.get_node_ip_address(), sock.getsockname()[1]
+    return ray.util.get_node_ip_address(), free_port()
