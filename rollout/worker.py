@@ -42,7 +42,6 @@ import traceback
 from dataclasses import dataclass, field
 from typing import cast
 
-import numpy as np
 import ray
 import torch
 
@@ -103,10 +102,6 @@ class EvalResult:
     prompt_ids: list[str]
     rewards: list[float]
     responses: list[str]
-
-    @property
-    def accuracy(self) -> float:
-        return float(np.mean(self.rewards)) if self.rewards else 0.0
 
 
 @dataclass
