@@ -1,5 +1,6 @@
 """Rollout workers on local Ray with a real dispatcher and datastore: metadata, dynamic sampling,
-and routing around a worker whose engine stalls or whose actor dies."""
+forced lengths, and the supervisor taking out of rotation a worker whose engine stalls or whose
+actor dies."""
 
 from __future__ import annotations
 
