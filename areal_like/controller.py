@@ -132,11 +132,7 @@ class RLController:
             self.build()
             resumed_from = self.maybe_resume()
             first_step = self.step
-            self.start_digest = next(
-                d
-                for d in self._wait([t.weights_digest.remote() for t in self.trainers], "trainer", "digest")
-                if d
-            )
+            self.start_digest = self.weights.trainer_digest()
             self.sync_weights(self.version)
             eval_before = self.evaluate("before") if resumed_from is None else None
             self.start_rollouts()

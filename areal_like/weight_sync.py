@@ -68,10 +68,14 @@ class WeightSync:
             refs[0], version, timeout_s=self.config.rollout.weight_update_timeout_s + 30
         )
 
+    def trainer_digest(self) -> str:
+        """sha256 of the trainer's weights (rank 0 answers; the others return None)."""
+        digests = self._wait([t.weights_digest.remote() for t in self.trainers], "trainer", "digest")
+        return next(d for d in digests if d)
+
     def engines_match_trainer(self) -> tuple[bool, str]:
         """(every engine in rotation holds exactly the trainer's weights, the trainer's sha256)."""
-        digests = self._wait([t.weights_digest.remote() for t in self.trainers], "trainer", "digest")
-        trainer = next(d for d in digests if d)
+        trainer = self.trainer_digest()
         engines = self._wait(
             [w.weights_digest.remote() for w in self.rollout.active], "rollout worker", "digest"
         )
