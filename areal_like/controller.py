@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import ray
+from ray.actor import ActorHandle
 
 from areal_like import checkpoint as ckpt
 from areal_like import launch, placement
@@ -45,13 +46,15 @@ from areal_like.metrics import (
     progress_line,
     truncate_after_step,
 )
-from areal_like.prompts import PromptSets, load_prompt_records, tokenize_prompts
+from areal_like.prompts import PromptRecords, PromptSets, load_prompt_records, tokenize_prompts
 from areal_like.staleness import min_allowed_version
 from areal_like.step_metrics import step_metrics
 from areal_like.stop import StopRequest
 from areal_like.weight_sync import WeightSync
 from datastore import make_datastore
+from datastore.client import DataStoreClient
 from datastore.types import DataStoreSamplesLost, DataStoreTimeout, SampleMeta
+from rollout.samples import ForcedLengths
 from rollout.supervisor import RolloutSupervisor
 from trainer.packing import imbalance, split_for_ranks
 from trainer.worker import TrainStats
@@ -59,6 +62,8 @@ from trainer.worker import TrainStats
 logger = logging.getLogger(__name__)
 
 TRAIN_TASK = "train"
+_DISPATCHER_TIMEOUT_S = 120.0
+"""Deadline of one dispatcher call (each is O(groups); a silent dispatcher is stuck)."""
 
 
 @dataclass
@@ -83,13 +88,40 @@ class RunSummary:
 
 
 class RLController:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, forced_lengths: ForcedLengths | None = None) -> None:
+        """``forced_lengths``: throughput benchmarks only (eos ignored, lognormal response lengths)."""
+        if forced_lengths is not None:
+            forced_lengths.check_cap(config.rollout.max_new_tokens)
         self.config = config
-        self.run_dir = os.path.abspath(config.run.dir)
-        self.step = 0
-        self.version = 0
-        self.staleness_max_seen = 0
+        self.forced_lengths = forced_lengths
+        self.run_dir: str = os.path.abspath(config.run.dir)
+        self.step: int = 0
+        """Train steps done (restored on resume)."""
+        self.version: int = 0
+        """Policy version the engines hold; advanced after every weight sync."""
+        self.staleness_max_seen: int = 0
         self.stop = StopRequest()
+        self.start_digest: str = ""
+        """sha256 of the weights the run started training from."""
+        self.final_digest: str = ""
+        self.engines_in_sync: bool = False
+        self.split_imbalance: float = 1.0
+        """max / mean tokens over the trainer ranks' shards of the last batch."""
+        self.model_path: str = ""
+        self.trainer_opts: list[dict] = []
+        self.trainers: list[ActorHandle] = []
+        self.workers: list[ActorHandle] = []
+        """The rollout workers built at start (replacements are the supervisor's)."""
+        self._owns_ray: bool = False
+        self._metrics: MetricsLogger | None = None
+        # Set by ``run`` and ``build`` before the loop uses them; ``shutdown`` copes with a build
+        # that failed halfway (it reads these with getattr).
+        self.prompt_records: PromptRecords
+        self.prompts: PromptSets
+        self.store: DataStoreClient
+        self.dispatcher: ActorHandle
+        self.rollout: RolloutSupervisor
+        self.weights: WeightSync
 
     # ---- the loop ----------------------------------------------------------------------------------
     def run(self) -> RunSummary:
@@ -101,11 +133,7 @@ class RLController:
             self.build()
             resumed_from = self.maybe_resume()
             first_step = self.step
-            self.start_digest = next(
-                d
-                for d in self._wait([t.weights_digest.remote() for t in self.trainers], "trainer", "digest")
-                if d
-            )
+            self.start_digest = self.weights.trainer_digest()
             self.sync_weights(self.version)
             eval_before = self.evaluate("before") if resumed_from is None else None
             self.start_rollouts()
@@ -190,6 +218,7 @@ class RLController:
                 seed,
                 worker_id,
                 self.trainer_opts,
+                self.forced_lengths,
             )
 
         if cfg.placement.devices == "colocated":
@@ -231,7 +260,7 @@ class RLController:
             "load",
         )
         buffered = self.store.restore(os.path.join(path, "datastore.pkl"))
-        ray.get(self.dispatcher.restore.remote(state.dispatcher, buffered))
+        self._ask_dispatcher(self.dispatcher.restore.remote(state.dispatcher, buffered), "restore")
         ckpt.restore_rng(state.rng)
         self.step, self.version = state.step, state.version
         dropped = truncate_after_step(os.path.join(self.run_dir, "metrics.jsonl"), self.step)
@@ -247,7 +276,7 @@ class RLController:
         return path
 
     def start_rollouts(self) -> None:
-        ray.get(self.dispatcher.set_version.remote(self.version))
+        self._ask_dispatcher(self.dispatcher.set_version.remote(self.version), "set_version")
         self._wait([w.start.remote() for w in self.rollout.active], "rollout worker", "start")
 
     def wait_for_batch(self) -> tuple[list[SampleMeta], float]:
@@ -270,10 +299,10 @@ class RLController:
                 batch = None
             evicted = self.store.drain_evictions()
             if evicted:
-                ray.get(self.dispatcher.on_evicted.remote(evicted))
+                self._ask_dispatcher(self.dispatcher.on_evicted.remote(evicted), "on_evicted")
             lost = self.store.drain_lost()
             if lost:
-                ray.get(self.dispatcher.on_lost.remote(lost))
+                self._ask_dispatcher(self.dispatcher.on_lost.remote(lost), "on_lost")
             if batch is not None:
                 return batch.samples, time.perf_counter() - start
             now = time.perf_counter()
@@ -281,7 +310,7 @@ class RLController:
                 self._check_workers()
                 last_health = now
             if now > deadline:
-                gate = ray.get(self.dispatcher.gate_state.remote())
+                gate = self._ask_dispatcher(self.dispatcher.gate_state.remote(), "gate_state")
                 raise TimeoutError(
                     f"controller: no batch of {cfg.train.batch_groups} groups (min version {min_version}) "
                     "after "
@@ -310,13 +339,14 @@ class RLController:
         except DataStoreSamplesLost as err:
             logger.warning("step %d: batch dropped, samples lost with a storage unit: %s", self.step + 1, err)
             self.store.release([m.sample_id for m in batch])
-            ray.get(self.dispatcher.on_lost.remote(self.store.drain_lost()))
+            self._ask_dispatcher(self.dispatcher.on_lost.remote(self.store.drain_lost()), "on_lost")
             return None, time.perf_counter() - start
         finally:
             if colocated:  # back on the GPUs, paused until the new weights are loaded
                 self._on_workers("wake")
         self.store.release([m.sample_id for m in batch])
-        ray.get(self.dispatcher.on_trained.remote(list(dict.fromkeys(m.group_id for m in batch))))
+        trained = list(dict.fromkeys(m.group_id for m in batch))
+        self._ask_dispatcher(self.dispatcher.on_trained.remote(trained), "on_trained")
         return stats, time.perf_counter() - start
 
     def sync_weights(self, version: int) -> float:
@@ -327,7 +357,7 @@ class RLController:
         if self.config.placement.devices == "colocated":
             self._on_workers("resume")
         self.version = version
-        ray.get(self.dispatcher.set_version.remote(version))
+        self._ask_dispatcher(self.dispatcher.set_version.remote(version), "set_version")
         return time.perf_counter() - start
 
     def maybe_checkpoint(self, force: bool = False) -> float:
@@ -341,7 +371,7 @@ class RLController:
         staged = ckpt.staging_dir(self.run_dir, self.step)
         # Dispatcher first, datastore second: a group that finishes in between is either in the
         # snapshot (then not requeued) or still listed in flight (then requeued); never lost.
-        dispatcher_state = ray.get(self.dispatcher.state.remote())
+        dispatcher_state = self._ask_dispatcher(self.dispatcher.state.remote(), "state")
         num_buffered = self.store.snapshot(os.path.join(staged, "datastore.pkl"), TRAIN_TASK)
         self._wait(
             [t.save_checkpoint.remote(os.path.join(staged, "trainer")) for t in self.trainers],
@@ -362,7 +392,7 @@ class RLController:
         trained_version = self.version - 1
         staleness = [trained_version - m.min_version for m in batch]
         self.staleness_max_seen = max(self.staleness_max_seen, max(staleness))
-        gate = ray.get(self.dispatcher.gate_state.remote())
+        gate = self._ask_dispatcher(self.dispatcher.gate_state.remote(), "gate_state")
         self._check_workers()
         health = self.rollout.all_health()  # retired workers' last counters too, so totals never drop
         metrics = step_metrics(
@@ -375,7 +405,6 @@ class RLController:
             {"wait_batch": wait_s, "train": train_s, "weight_sync": sync_s, "checkpoint": save_s},
         )
         metrics.update(self.rollout.metrics())
-        metrics.update(stats[0].metrics)  # the trainer's namespaced keys, already global over ranks
         metrics.update(self.store.stats().as_metrics())
         metrics["train/group_split_imbalance"] = self.split_imbalance
         metrics["datastore/lost_groups_total"] = gate.lost_total
@@ -425,6 +454,7 @@ class RLController:
         self._wait([w.stop.remote() for w in self.rollout.active], "rollout worker", "stop")
 
     def finish(self, first_step, eval_before, eval_after, train_seconds) -> RunSummary:
+        gate = self._ask_dispatcher(self.dispatcher.gate_state.remote(), "gate_state")
         summary = RunSummary(
             run_dir=self.run_dir,
             first_step=first_step,
@@ -433,7 +463,7 @@ class RLController:
             eval_before=eval_before,
             eval_after=eval_after,
             staleness_max=self.staleness_max_seen,
-            evicted_groups=ray.get(self.dispatcher.gate_state.remote()).evicted_total,
+            evicted_groups=gate.evicted_total,
             train_seconds=train_seconds,
             final_weights_digest=self.final_digest,
             engines_in_sync=self.engines_in_sync,
@@ -449,26 +479,25 @@ class RLController:
         return summary
 
     def shutdown(self) -> None:
-        metrics = getattr(self, "_metrics", None)
-        if metrics is not None:
-            metrics.close()
-        for worker in getattr(self, "workers", []):
+        if self._metrics is not None:
+            self._metrics.close()
+        for worker in self.workers:
             with contextlib.suppress(Exception):  # a dead worker has nothing left to close
                 ray.get(worker.close.remote(), timeout=30)
         store = getattr(self, "store", None)
         if store is not None:
             store.shutdown()
-        for handle in [*getattr(self, "workers", []), *getattr(self, "trainers", [])]:
+        for handle in [*self.workers, *self.trainers]:
             ray.kill(handle)
         if getattr(self, "dispatcher", None) is not None:
             ray.kill(self.dispatcher)
-        if getattr(self, "_owns_ray", False):
+        if self._owns_ray:
             ray.shutdown()
 
     # ---- builders ------------------------------------------------------------------------------
     @property
     def metrics(self) -> MetricsLogger:
-        if getattr(self, "_metrics", None) is None:
+        if self._metrics is None:
             sinks = [JsonlSink(os.path.join(self.run_dir, "metrics.jsonl"))]
             if self.config.run.tensorboard:
                 sinks.append(TensorBoardSink(os.path.join(self.run_dir, "tensorboard")))
@@ -482,16 +511,22 @@ class RLController:
 
     def _wait(self, refs: list, role: str, what: str, timeout_s: float | None = None) -> list:
         """``ray.get`` with a deadline; on timeout the error names the actors that did not answer."""
-        timeout_s = self.config.run.actor_timeout_s if timeout_s is None else timeout_s
+        hint = "that actor is stuck or dead"
+        if timeout_s is None:
+            timeout_s = self.config.run.actor_timeout_s
+            hint = "raise run.actor_timeout_s if this is expected; otherwise " + hint
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         if pending:
             late = [i for i, ref in enumerate(refs) if ref in pending]
             raise TimeoutError(
                 f"controller: {role} {late} did not finish '{what}' within {timeout_s:.0f}s "
-                f"at step {self.step} "
-                "(raise run.actor_timeout_s if this is expected; otherwise that actor is stuck or dead)"
+                f"at step {self.step} ({hint})"
             )
         return ray.get(refs)
+
+    def _ask_dispatcher(self, ref: ray.ObjectRef, what: str):
+        """The result of one dispatcher call, or TimeoutError naming the dispatcher and the call."""
+        return self._wait([ref], "dispatcher", what, timeout_s=_DISPATCHER_TIMEOUT_S)[0]
 
     def _on_workers(self, method: str) -> None:
         """Call ``method`` on every rollout worker in rotation and wait (colocated turn-taking)."""
@@ -502,5 +537,5 @@ class RLController:
         return self.rollout.check()
 
 
-def run_training(config: Config) -> RunSummary:
-    return RLController(config).run()
+def run_training(config: Config, forced_lengths: ForcedLengths | None = None) -> RunSummary:
+    return RLController(config, forced_lengths).run()

@@ -64,13 +64,10 @@ class PromptDispatcher:
         self._requeue: list[int] = []
         self._in_flight: dict[int, int] = {}  # group_id -> prompt index, while generating
         self._buffered: dict[int, int] = {}  # group_id -> prompt index, accepted and not yet trained
-        self._paused = False
 
     # ---- called by rollout workers -------------------------------------------------------------
     def acquire(self, max_groups: int) -> list[PromptGroup]:
         """Admit up to ``max_groups`` new groups (fewer, or none, when the gate is closed)."""
-        if self._paused:
-            return []
         granted = self.gate.admit(max_groups)
         groups = []
         for _ in range(granted):
@@ -80,7 +77,7 @@ class PromptDispatcher:
                 prompt=self._prompts[index],
                 prompt_ids=self._prompt_ids[index],
                 num_samples=self._group_size,
-                admitted_version=self.gate.state.version,
+                admitted_version=self.gate.version,
             )
             self._in_flight[group.group_id] = index
             self._next_group_id += 1
@@ -103,11 +100,9 @@ class PromptDispatcher:
 
     def abandon(self, group_ids: list[int]) -> None:
         """A worker failed with these groups in flight: free their slots and requeue their prompts."""
-        for gid in group_ids:
-            index = self._in_flight.pop(gid, None)
-            if index is not None:
-                self._requeue.append(index)
-                self.gate.state.running -= 1
+        indices = [self._in_flight.pop(gid) for gid in group_ids if gid in self._in_flight]
+        self._requeue.extend(indices)
+        self.gate.on_abandoned(len(indices))
 
     # ---- called by the controller --------------------------------------------------------------
     def set_version(self, version: int) -> None:
@@ -143,15 +138,8 @@ class PromptDispatcher:
             self.gate.on_lost(len(group_ids))
         return requeued
 
-    def set_paused(self, paused: bool) -> None:
-        """Paused: no new admissions (used around checkpoints and at shutdown)."""
-        self._paused = paused
-
     def gate_state(self) -> GateState:
         return GateState(**asdict(self.gate.state))
-
-    def num_in_flight(self) -> int:
-        return len(self._in_flight)
 
     def state(self) -> DispatcherState:
         return DispatcherState(

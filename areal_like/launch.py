@@ -10,6 +10,7 @@ import ray
 
 from areal_like import placement
 from areal_like.config import Config, ModelConfig
+from rollout.samples import ForcedLengths
 from rollout.worker import RolloutWorker
 from trainer.worker import TrainerRank
 
@@ -65,9 +66,11 @@ def make_rollout_worker(
     seed: int,
     worker_id: int,
     trainer_opts: list[dict] | None = None,
+    forced_lengths: ForcedLengths | None = None,
 ):
     """One threaded rollout actor (its weights are pushed by the next sync or by the supervisor).
-    ``trainer_opts``: the trainer ranks' options, to share their GPUs under colocated placement."""
+    ``trainer_opts``: the trainer ranks' options, to share their GPUs under colocated placement.
+    ``forced_lengths``: benchmarks only (eos ignored, lognormal response lengths)."""
     actor = ray.remote(RolloutWorker).options(
         max_concurrency=4, **placement.rollout_options(cfg.placement, worker_id, trainer_opts)
     )
@@ -88,4 +91,5 @@ def make_rollout_worker(
         store,
         seed + worker_id,
         0,
+        forced_lengths,
     )

@@ -66,6 +66,12 @@ class StalenessGate:
         self.state.accepted += accepted
         self.state.rejected_total += rejected
 
+    def on_abandoned(self, num_groups: int) -> None:
+        """Groups left generation unfinished (their worker failed, retired or stopped; the
+        dispatcher requeues their prompts): free their slots."""
+        assert num_groups <= self.state.running, (num_groups, self.state)
+        self.state.running -= num_groups
+
     def on_evicted(self, num_groups: int) -> None:
         """Accepted groups were evicted as stale at batch time: free their slots."""
         self.state.accepted -= num_groups
@@ -75,6 +81,11 @@ class StalenessGate:
         """Accepted groups were lost with a storage unit: free their slots."""
         self.state.accepted -= num_groups
         self.state.lost_total += num_groups
+
+    @property
+    def version(self) -> int:
+        """The policy version the engines hold (groups admitted now are generated from it)."""
+        return self.state.version
 
     def set_version(self, version: int) -> None:
         assert version >= self.state.version, (version, self.state.version)

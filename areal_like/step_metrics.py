@@ -1,23 +1,30 @@
 """The metrics of one train step, assembled from what the controller gathered (pure; no Ray).
 
 Keys, by namespace: ``staleness/`` (per-sample lag of the batch and the gate's counters), ``train/``
-(loss, clipping, importance weights, gradient, over the ranks' ``TrainStats``), ``rollout/`` (totals
-over every worker's ``WorkerHealth``, retired ones included, so totals never drop), ``timing/`` (the
-step's phases) and ``perf/``. The controller adds the trainer's own namespaced keys, the
-supervisor's and the datastore's.
+(the trainer's own keys, ``TrainStats.metrics``, global over ranks, plus the batch's token count),
+``rollout/`` (totals over every worker's ``WorkerHealth``, retired ones included, so totals never
+drop), ``timing/`` (the step's phases) and ``perf/``. The controller adds the supervisor's keys and
+the datastore's.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from areal_like.staleness import GateState
+    from rollout.worker import WorkerHealth
+    from trainer.stats import TrainStats
 
 
 def step_metrics(
     version: int,
     staleness: list[int],
-    gate,
-    stats: list,
-    health: list,
+    gate: GateState,
+    stats: list[TrainStats],
+    health: list[WorkerHealth],
     batch_size: int,
     seconds: dict[str, float],
 ) -> dict[str, float]:
@@ -33,15 +40,8 @@ def step_metrics(
         "staleness/evicted_groups_total": gate.evicted_total,
         "staleness/gate_running": gate.running,
         "staleness/gate_accepted": gate.accepted,
-        "train/loss": float(np.mean([s.loss for s in stats])),
-        "train/clip_frac": float(np.mean([s.clip_frac for s in stats])),
-        "train/imp_weight_mean": float(np.mean([s.imp_weight_mean for s in stats])),
-        "train/imp_weight_max": float(max(s.imp_weight_max for s in stats)),
-        "train/imp_weight_capped_frac": float(np.mean([s.capped_frac for s in stats])),
-        "train/logp_mismatch": float(np.mean([s.behav_prox_logp_diff for s in stats])),
-        "train/grad_norm": stats[0].grad_norm,
-        "train/lr": stats[0].lr,
-        "train/adv_abs_mean": float(np.mean([s.adv_abs_mean for s in stats])),
+        # Every rank reports the same global figures (loss, clipping, importance weights, gradient).
+        **stats[0].metrics,
         "train/num_tokens": tokens,
         "rollout/response_len_mean": tokens / max(batch_size, 1),
         "rollout/samples_total": sum(h.samples_done for h in health),

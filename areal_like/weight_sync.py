@@ -13,11 +13,12 @@ Two paths behind one ``push(version)``:
   generating only after that sync.
 Either way ``push`` returns only when every engine reports the new version; the controller advances
 the dispatcher after that.
-vLLM engines (``rollout.engine: vllm``) take the same two paths: the object-store weights reach the
-engine core over CUDA IPC; the plan targets vLLM's own fused parameters (``vllm_destination``) in
-the engine's dtype. Split placement: the engine cores are plan members on NCCL. Colocated placement:
-each engine allocates a staging arena that its GPU's trainer rank maps over CUDA IPC and writes into
-(``realloc/ipc.py``); the engines then load it (``load_staged``).
+Every engine kind takes the same two paths behind the engine interface (``rollout/engine.py``): the
+plan targets the engines' own layout (``plan_destination``: the HF state dict in float32, or vLLM's
+fused parameters in its dtype) and each engine hosts its receiver (vLLM's in its engine core, an
+NCCL member under split placement). Colocated placement (vLLM): each engine allocates a staging
+arena that its GPU's trainer rank maps over CUDA IPC and writes into (``realloc/ipc.py``); the
+engines then load it (``load_staged``).
 """
 
 from __future__ import annotations
@@ -67,10 +68,14 @@ class WeightSync:
             refs[0], version, timeout_s=self.config.rollout.weight_update_timeout_s + 30
         )
 
+    def trainer_digest(self) -> str:
+        """sha256 of the trainer's weights (rank 0 answers; the others return None)."""
+        digests = self._wait([t.weights_digest.remote() for t in self.trainers], "trainer", "digest")
+        return next(d for d in digests if d)
+
     def engines_match_trainer(self) -> tuple[bool, str]:
         """(every engine in rotation holds exactly the trainer's weights, the trainer's sha256)."""
-        digests = self._wait([t.weights_digest.remote() for t in self.trainers], "trainer", "digest")
-        trainer = next(d for d in digests if d)
+        trainer = self.trainer_digest()
         engines = self._wait(
             [w.weights_digest.remote() for w in self.rollout.active], "rollout worker", "digest"
         )
@@ -86,14 +91,9 @@ class WeightSync:
     def _join_plan(self, model_path: str) -> None:
         from transformers import AutoConfig
 
-        from areal_like.core.realloc import (
-            Qwen2Dims,
-            SourceLayout,
-            hf_destination,
-            make_plan,
-            vllm_destination,
-        )
+        from areal_like.core.realloc import Qwen2Dims, SourceLayout, make_plan
         from areal_like.core.realloc.ipc import colocated_hosts
+        from rollout.engine import plan_destination
 
         cfg = self.config
         self.members = list(self.rollout.active)
@@ -101,21 +101,18 @@ class WeightSync:
         self.colocated = cfg.placement.devices == "colocated"
         dims = Qwen2Dims.from_config(AutoConfig.from_pretrained(model_path, local_files_only=True))
         n, m = len(self.trainers), len(self.members)
-        if cfg.rollout.engine == "vllm":
-            dtype = cfg.rollout.vllm.dtype
-            dest = vllm_destination(dims, dtype, m, 1)
-        else:
-            dtype = "float32"
-            dest = hf_destination(dims, dtype, m)
+        engine = cfg.rollout.engine_config()
         plan = make_plan(
-            SourceLayout.for_zero_stage(dims.specs(dtype), n, cfg.train.zero_stage),
-            dest,
+            SourceLayout.for_zero_stage(dims.specs(engine.weights_dtype), n, cfg.train.zero_stage),
+            plan_destination(engine, dims, m),
             cfg.realloc.bucket_bytes,
             hosts=colocated_hosts(n, m) if self.colocated else None,
             checksum=cfg.realloc.checksum,
         )
         logger.info("weight reallocation plan:\n%s", plan.format())
-        host, port = ray.get(self.trainers[0].__ray_call__.remote(_free_port_here), timeout=120)
+        [(host, port)] = self._wait(
+            [self.trainers[0].__ray_call__.remote(_free_port_here)], "trainer", "free port", timeout_s=120
+        )
         if self.colocated:
             handles = self._wait(
                 [w.make_arena.remote(plan, i) for i, w in enumerate(self.members)], "rollout worker", "arena"
@@ -147,8 +144,6 @@ class WeightSync:
 
 def _free_port_here(_actor) -> tuple[str, int]:
     """(node IP, a free port) where the calling actor runs; the plan group's store lives there."""
-    import socket
+    from areal_like.core.net import free_port
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return ray.util.get_node_ip_address(), sock.getsockname()[1]
+    return ray.util.get_node_ip_address(), free_port()

@@ -54,7 +54,9 @@ def main(argv: list[str]) -> int:
     from areal_like.config import load_config
     from areal_like.controller import run_training
     from areal_like.core.models import ModelBuildConfig, build_model
+    from rollout.samples import ForcedLengths
 
+    lengths = ForcedLengths(median=args.median, sigma=1.0)
     work = args.workdir or tempfile.mkdtemp(prefix="rl-async-")
     model_dir = os.path.join(work, "model")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
@@ -83,7 +85,6 @@ def main(argv: list[str]) -> int:
             f"rollout.max_staleness={eta}",
             f"rollout.group_size={args.group_size}",
             f"rollout.max_new_tokens={args.cap}",
-            f"rollout.forced_length_median={args.median}",
             f"rollout.groups_per_generate={2 * args.groups}",
             f"rollout.max_concurrent_groups={args.groups * (2 if eta else 1)}",
             "rollout.vllm.gpu_memory_utilization=0.85",
@@ -99,7 +100,8 @@ def main(argv: list[str]) -> int:
             "realloc.backend=nccl",
             "realloc.placement=split",
         ]
-        summary = run_training(load_config(os.path.join(ROOT, "configs", "gpu_addition.yaml"), overrides))
+        config = load_config(os.path.join(ROOT, "configs", "gpu_addition.yaml"), overrides)
+        summary = run_training(config, forced_lengths=lengths)
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
         timed = rows[args.warmup :]
@@ -131,7 +133,7 @@ def main(argv: list[str]) -> int:
         "engine_gpus": args.engine_gpus,
         "model": f"Qwen2.5-1.5B-shaped body, {args.layers} layers, char vocab",
         "batch": f"{args.groups} groups x {args.group_size}",
-        "lengths": {"median": args.median, "sigma": 1.0, "cap": args.cap},
+        "lengths": {"median": lengths.median, "sigma": lengths.sigma, "cap": args.cap},
         "vllm_enforce_eager": args.eager,
         "runs": {str(e): r for e, r in runs.items()},
         "best_async_eta": best_eta,

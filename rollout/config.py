@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rollout.engine import EngineConfig
 
 
 @dataclass
@@ -91,17 +95,22 @@ class RolloutConfig:
     """Sampling temperature (the trainer recomputes log-probs at the same temperature)."""
     top_p: float = 1.0
     """Nucleus sampling mass; 1.0 disables it."""
-    forced_length_median: int | None = None
-    """Throughput benchmarks: ignore eos and force every response to a length drawn from a lognormal
-    with this median (sigma ``forced_length_sigma``), capped at max_new_tokens; each sample's length
-    is fixed by its group id and index. None (training): sample until eos or max_new_tokens."""
-    forced_length_sigma: float = 1.0
-    """Spread of the forced lengths (sigma of log length); with 1.0, ~2% of responses reach a cap
-    8x the median."""
     torch_threads: int = 1
     """torch intra-op threads per worker (keep workers x threads within the machine's cores)."""
     weight_update_timeout_s: float = 120.0
     """How long a weight update may wait for an engine before the run fails naming it."""
+
+    def engine_config(self, model_path: str = "", seed: int = 0) -> EngineConfig:
+        """The ``EngineConfig`` of one worker's engine (``model_path``: a local HF directory)."""
+        from rollout.engine import EngineConfig
+
+        return EngineConfig(
+            type=self.engine,
+            model_path=model_path,
+            max_batch_size=self.engine_max_batch_size,
+            seed=seed,
+            vllm=self.vllm,
+        )
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -137,15 +146,5 @@ class RolloutConfig:
             raise ValueError(f"rollout.temperature={self.temperature}: must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"rollout.top_p={self.top_p}: must be in (0, 1]")
-        if (
-            self.forced_length_median is not None
-            and not 1 <= self.forced_length_median <= self.max_new_tokens
-        ):
-            raise ValueError(
-                f"rollout.forced_length_median={self.forced_length_median}: must be in [1, "
-                f"rollout.max_new_tokens={self.max_new_tokens}] or null"
-            )
-        if self.forced_length_sigma < 0:
-            raise ValueError(f"rollout.forced_length_sigma={self.forced_length_sigma}: must be >= 0")
         if self.torch_threads < 1:
             raise ValueError(f"rollout.torch_threads={self.torch_threads}: must be >= 1")

@@ -11,11 +11,17 @@ continue from their partial output under the new version, their prefix re-encode
 ``pause``/``resume`` hold and restart decoding at a token boundary; ``abort`` ends requests early
 with finish_reason 'abort' and their partial output.
 
+Weights from the reallocation plan (``areal_like/core/realloc``): every engine hosts its own
+receiver, so the rollout worker calls the same two methods whatever engine it holds.
+``setup_realloc`` joins the plan's group (leaving a previous one) and allocates staging tensors in
+the engine's layout (``plan_destination``); ``receive_weights`` takes every bucket of a version into
+the staging and only then swaps it in at a token boundary. ``weights_digest`` is the sha256 of the
+weights as HF-named fp32 tensors, comparable with the trainer's. Engines that can free their GPU
+for a colocated trainer (vLLM) also implement ``ColocatedEngine``.
+
 Implementations: ``HFEngine`` (transformers, CPU and tests; ``rollout/hf_engine.py``) and
 ``VLLMEngine`` (vLLM's AsyncLLM on a GPU; ``rollout/vllm_engine.py``). ``make_engine`` builds one from
-an ``EngineConfig``. Both also answer ``weights_digest()`` (sha256 of their weights as HF-named fp32
-tensors, comparable with the trainer's); the reallocation-plan and colocated weight paths are
-engine-specific and called by the rollout worker.
+an ``EngineConfig``.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
+    from areal_like.core.realloc import DestinationLayout, Plan, Qwen2Dims, ReallocConfig
+    from areal_like.core.realloc.ipc import IpcHandle
     from areal_like.core.types import GenerationOutput
     from rollout.config import VLLMConfig
 
@@ -242,6 +250,51 @@ class GenerationEngine(Protocol):
         """Abort every request and stop the engine's thread; later submits raise."""
         ...
 
+    # ---- weights from the reallocation plan ----------------------------------------------------------
+    def setup_realloc(
+        self,
+        plan: Plan,
+        config: ReallocConfig,
+        master_addr: str,
+        master_port: int,
+        member: int,
+        engine_rank: int,
+    ) -> int:
+        """Join the plan's group as ``member`` hosting ``engine_rank`` (leaving the group this engine
+        was in, if any); staging allocated once. Returns the staging's bytes."""
+        ...
+
+    def receive_weights(self, version: int, timeout_s: float) -> dict:
+        """Receive every bucket of ``version`` into the staging, then load it at a token boundary
+        (``timeout_s`` bounds the load). A failed transfer raises before the weights change. Returns
+        this member's ``TransferStats`` as a dict."""
+        ...
+
+    def weights_digest(self) -> str:
+        """sha256 of the loaded weights as HF-named fp32 tensors (compare with the trainer's)."""
+        ...
+
+
+class ColocatedEngine(GenerationEngine, Protocol):
+    """An engine that shares its GPU with a trainer rank (colocated placement; vLLM): it sleeps while
+    the trainer steps and takes new weights from a staging arena the trainer rank writes into."""
+
+    def make_arena(self, plan: Plan, engine_rank: int) -> IpcHandle:
+        """Allocate this engine's staging arena; returns its handle for the trainer rank."""
+        ...
+
+    def load_staged(self, version: int, timeout_s: float = 60.0) -> None:
+        """The trainer rank wrote ``version`` into the arena: load it at a token boundary."""
+        ...
+
+    def sleep(self) -> None:
+        """Pause generation and free the GPU memory."""
+        ...
+
+    def wake(self, resume: bool = True) -> None:
+        """Take the GPU back; ``resume=False`` keeps generation paused (until the new weights)."""
+        ...
+
 
 @dataclass
 class EngineConfig:
@@ -257,6 +310,16 @@ class EngineConfig:
     """Seed of the engine's sampling generator; engines of one run should get different seeds."""
     vllm: VLLMConfig | None = None
     """vLLM settings (type 'vllm'); None = the defaults."""
+
+    @property
+    def weights_dtype(self) -> str:
+        """dtype of the engine's weights, and so of the reallocation plan's wire: the HF engine
+        computes in float32, vLLM in ``vllm.dtype``."""
+        if self.type == "vllm":
+            from rollout.config import VLLMConfig
+
+            return (self.vllm or VLLMConfig()).dtype
+        return "float32"
 
     def __post_init__(self) -> None:
         if self.type not in _ENGINE_TYPES:
@@ -285,6 +348,7 @@ def make_engine(
     engine loads ``config.model_path``.
     """
     if config.type == "hf":
+        from areal_like.core.models import load_model
         from rollout.hf_engine import HFEngine
 
         if model is None and not config.model_path:
@@ -292,7 +356,7 @@ def make_engine(
                 "EngineConfig.model_path='' and no model given: set model_path to a local checkpoint."
             )
         return HFEngine(
-            model if model is not None else config.model_path,
+            model if model is not None else load_model(config.model_path),
             engine_id=engine_id,
             version=version,
             max_batch_size=config.max_batch_size,
@@ -313,3 +377,15 @@ def make_engine(
             seed=config.seed,
         )
     raise AssertionError(f"EngineConfig.type={config.type!r} passed validation but has no builder")
+
+
+def plan_destination(config: EngineConfig, dims: Qwen2Dims, num_engines: int) -> DestinationLayout:
+    """The layout ``num_engines`` engines of ``config.type`` hold their weights in: what the
+    reallocation plan writes into (HF: the HF state dict; vLLM: its own fused parameters, TP 1)."""
+    from areal_like.core.realloc import hf_destination, vllm_destination
+
+    if config.type == "hf":
+        return hf_destination(dims, config.weights_dtype, num_engines)
+    if config.type == "vllm":
+        return vllm_destination(dims, config.weights_dtype, num_engines, 1)
+    raise AssertionError(f"EngineConfig.type={config.type!r} passed validation but has no layout")

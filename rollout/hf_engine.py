@@ -16,7 +16,9 @@ Dataflow (one engine thread decodes; any number of caller threads submit, wait, 
      batch and their handles resolve. A long request therefore never holds up short ones.
 - ``update_weights`` (the trainer's weight sync) validates in the caller's thread, posts the update
   and waits on ``_cond`` until the engine thread loads it at the next token boundary (or applies it
-  itself when no engine thread runs), bounded by ``timeout_s``.
+  itself when no engine thread runs), bounded by ``timeout_s``. ``receive_weights`` (reallocation
+  plan) runs this process's plan executor into staging tensors in the caller's thread, then hands
+  them to ``update_weights``: decoding goes on during the transfer.
 Who blocks whom: callers hold ``_cond`` only briefly; only the engine thread touches the model while
 it runs, so weights never change under a forward pass. Handle callbacks run on the engine thread.
 Shutdown: the thread exits by itself when it has no request and no pending update (an idle engine
@@ -27,6 +29,7 @@ with that error and later submits raise it.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import os
@@ -34,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -42,6 +46,10 @@ from areal_like.core.types import GenerationOutput
 from rollout import kv_batch
 from rollout.engine import EngineLoad, RequestHandle, SamplingParams, TokenChunk
 from rollout.sampling import sample_tokens
+
+if TYPE_CHECKING:
+    from areal_like.core.realloc import Plan, ReallocConfig
+    from areal_like.core.realloc.executor import ReallocExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +151,10 @@ class HFEngine:
         self._on_step: Callable[[int], None] | None = None
         """Test hook, called on the engine thread at each token boundary with the most tokens any
         running request has generated so far."""
+        # The reallocation plan's receiver (``setup_realloc``): executor, hosted engine rank, staging.
+        self._realloc: ReallocExecutor | None = None
+        self._realloc_rank = 0
+        self._staging: dict[int, dict[str, torch.Tensor]] = {}
 
     # ---- the Protocol ------------------------------------------------------------------------------
     @property
@@ -246,6 +258,33 @@ class HFEngine:
         from areal_like.core.digest import state_dict_digest
 
         return state_dict_digest(self.model.state_dict())
+
+    def setup_realloc(
+        self,
+        plan: Plan,
+        config: ReallocConfig,
+        master_addr: str,
+        master_port: int,
+        member: int,
+        engine_rank: int,
+    ) -> int:
+        """Join the plan's group as ``member`` hosting ``engine_rank`` (leaving a previous group);
+        float32 staging in the HF state dict's names, allocated once. Returns the staging's bytes."""
+        from areal_like.core.realloc.executor import ReallocExecutor
+        from areal_like.core.realloc.pack import allocate_staging
+
+        self._realloc = ReallocExecutor.rejoin(self._realloc, plan, member, config, master_addr, master_port)
+        self._realloc_rank = engine_rank
+        self._staging = {engine_rank: allocate_staging(plan, engine_rank)}
+        return sum(t.numel() * t.element_size() for t in self._staging[engine_rank].values())
+
+    def receive_weights(self, version: int, timeout_s: float = 60.0) -> dict:
+        """Receive every bucket of ``version`` into the staging (all-or-nothing: a failed transfer
+        raises with the weights untouched), then load it at the next token boundary."""
+        assert self._realloc is not None, f"engine {self.engine_id}: receive_weights before setup_realloc"
+        stats = self._realloc.run(version, staging=self._staging)
+        self.update_weights(self._staging[self._realloc_rank], version, timeout_s=timeout_s)
+        return dataclasses.asdict(stats)
 
     def close(self, timeout_s: float = 30.0) -> None:
         with self._cond:

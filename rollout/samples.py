@@ -9,6 +9,8 @@ of a prompt group has finished and been scored:
 - ``rewards_all_equal`` is the dynamic-sampling rule (DAPO): a group whose rewards are all equal
   has zero advantage everywhere, so it teaches nothing and is dropped (and counted) before it
   reaches the datastore; the staleness gate then frees its slot, so the batch is refilled.
+- ``ForcedLengths`` and ``forced_length`` (throughput benchmarks only, never a config key): eos is
+  ignored and every response runs to a lognormal length fixed by its (group id, index).
 """
 
 from __future__ import annotations
@@ -128,6 +130,34 @@ def build_group_writes(
 def rewards_all_equal(scores: list[RewardResult]) -> bool:
     """The dynamic-sampling filter: True when every sample of a group got the same reward."""
     return len({score.value for score in scores}) <= 1
+
+
+@dataclass(frozen=True)
+class ForcedLengths:
+    """Throughput benchmarks: ignore eos and force every response to a length drawn from a lognormal
+    (``forced_length``), capped at ``rollout.max_new_tokens``. A benchmark passes it to
+    ``run_training``, which hands it to every rollout worker; training runs never set it (they
+    sample until eos or max_new_tokens)."""
+
+    median: int
+    """Median forced length in tokens; at most ``rollout.max_new_tokens``."""
+    sigma: float = 1.0
+    """Spread of the forced lengths (sigma of log length); with 1.0, ~2% of responses reach a cap
+    8x the median."""
+
+    def __post_init__(self) -> None:
+        if self.median < 1:
+            raise ValueError(f"ForcedLengths.median={self.median}: must be >= 1 token")
+        if self.sigma < 0:
+            raise ValueError(f"ForcedLengths.sigma={self.sigma}: must be >= 0 (0 = every length the median)")
+
+    def check_cap(self, max_new_tokens: int) -> None:
+        """Refuse a median above the cap (most responses would be cut to the cap)."""
+        if self.median > max_new_tokens:
+            raise ValueError(
+                f"ForcedLengths.median={self.median}: must be in [1, rollout.max_new_tokens="
+                f"{max_new_tokens}]; lower the median or raise rollout.max_new_tokens"
+            )
 
 
 def forced_length(median: int, sigma: float, cap: int, group_id: int, index: int) -> int:

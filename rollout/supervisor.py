@@ -1,7 +1,7 @@
-"""Routing across engines: which engine generates a prompt group, and what happens when one stops answering.
+"""The rollout supervisor: which rollout workers are in rotation, and what happens when one stops answering.
 
-Routing is pull-based. Each rollout worker owns one engine and asks the dispatcher for groups only
-when it has room (``groups_per_generate`` minus the groups it holds), so:
+It does no routing itself: routing is pull-based. Each rollout worker owns one engine and asks the
+dispatcher for groups only when it has room (``groups_per_generate`` minus the groups it holds), so:
 - least-loaded: an engine that is behind holds its groups longer and asks for fewer; idle ones ask
   at once. A push router would need load reports a round trip old; pulling uses the live number.
 - prefix reuse: a group is acquired by one worker and all ``num_samples`` requests go to that

@@ -48,13 +48,12 @@ class WeightExtension:
 
         plan, config, addr, port, member, engine_rank = pickle.loads(blob)
         self._areal_check_names(plan, engine_rank)
-        if getattr(self, "_areal_executor", None) is not None:  # rebuilt: leave the old group first
-            self._areal_executor.close(wait_s=2.0)
+        previous = getattr(self, "_areal_executor", None)
+        self._areal_executor = ReallocExecutor.rejoin(previous, plan, member, config, addr, port)
         self._areal_rank = engine_rank
         self._areal_staging = allocate_staging(
             plan, engine_rank, torch.device("cuda", torch.cuda.current_device())
         )
-        self._areal_executor = ReallocExecutor(plan, member, config, addr, port)
         return sum(t.numel() * t.element_size() for t in self._areal_staging.values())
 
     def areal_receive(self, version: int) -> dict:

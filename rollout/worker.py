@@ -40,16 +40,16 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from typing import cast
 
-import numpy as np
 import ray
 import torch
 
 from areal_like.core.types import PromptGroup, PromptRecord
 from rollout.config import RolloutConfig
-from rollout.engine import EngineConfig, RequestHandle, SamplingParams, make_engine
+from rollout.engine import ColocatedEngine, RequestHandle, SamplingParams, make_engine
 from rollout.rewards import RewardPool
-from rollout.samples import build_group_writes, forced_length, rewards_all_equal
+from rollout.samples import ForcedLengths, build_group_writes, forced_length, rewards_all_equal
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +103,6 @@ class EvalResult:
     rewards: list[float]
     responses: list[str]
 
-    @property
-    def accuracy(self) -> float:
-        return float(np.mean(self.rewards)) if self.rewards else 0.0
-
 
 @dataclass
 class _GroupInFlight:
@@ -128,25 +124,21 @@ class RolloutWorker:
         store,
         seed: int,
         version: int,
+        forced_lengths: ForcedLengths | None = None,
     ) -> None:
-        from areal_like.core.models import load_model, load_tokenizer
+        """``forced_lengths``: benchmarks only (eos ignored, lognormal lengths); None in training."""
+        from areal_like.core.models import load_tokenizer
 
         torch.set_num_threads(config.torch_threads)
         self.worker_id = worker_id
         self.config = config
+        self.forced_lengths = forced_lengths
         self.dispatcher = dispatcher
         self.store = store
         self.tokenizer = load_tokenizer(model_path)
-        engine_config = EngineConfig(
-            type=config.engine,
-            model_path=model_path,
-            max_batch_size=config.engine_max_batch_size,
-            seed=seed,
-            vllm=config.vllm,
+        self.engine = make_engine(
+            config.engine_config(model_path, seed), engine_id=worker_id, version=version
         )
-        # The HF engine gets a model built here (float32 on CPU); vLLM loads the directory itself.
-        model = load_model(model_path) if config.engine == "hf" else None
-        self.engine = make_engine(engine_config, engine_id=worker_id, version=version, model=model)
         self.rewards = RewardPool(reward_fn_path, num_workers=reward_workers, timeout_s=reward_timeout_s)
         eos = self.tokenizer.eos_token_id
         self.params = SamplingParams(
@@ -236,12 +228,10 @@ class RolloutWorker:
 
     def _params_for(self, group_id: int, index: int) -> SamplingParams:
         """The run's sampling params, or (benchmarks) a forced lognormal length with eos ignored."""
-        median = self.config.forced_length_median
-        if median is None:
+        forced = self.forced_lengths
+        if forced is None:
             return self.params
-        length = forced_length(
-            median, self.config.forced_length_sigma, self.config.max_new_tokens, group_id, index
-        )
+        length = forced_length(forced.median, forced.sigma, self.config.max_new_tokens, group_id, index)
         return dataclasses.replace(self.params, max_new_tokens=length, stop_token_ids=())
 
     def _collect_finished_groups(self) -> list[_GroupInFlight]:
@@ -359,50 +349,42 @@ class RolloutWorker:
     def setup_realloc(
         self, plan, config, master_addr: str, master_port: int, member: int, engine_rank: int
     ) -> None:
-        """Join the weight-reallocation group; staging tensors are allocated once and reused. The
-        vLLM engine joins from its engine-core process, where its weights live."""
-        self.realloc_rank = engine_rank
-        if self.config.engine == "vllm":
-            self.engine.setup_realloc(plan, config, master_addr, master_port, member, engine_rank)
-            return
-        from areal_like.core.realloc.executor import ReallocExecutor
-        from areal_like.core.realloc.pack import allocate_staging
-
-        if getattr(self, "realloc", None) is not None:  # rebuilt: leave the old group first
-            self.realloc.close(wait_s=2.0)
-        self.realloc = ReallocExecutor(plan, member, config, master_addr, master_port)
-        self.staging = {engine_rank: allocate_staging(plan, engine_rank)}
+        """Join the weight-reallocation group; the engine hosts the receiver (HF: in this process;
+        vLLM: in its engine-core process, where its weights live)."""
+        self.engine.setup_realloc(plan, config, master_addr, master_port, member, engine_rank)
 
     def weights_digest(self) -> str:
         """Digest of the engine's weights (compare with the trainer's ``weights_digest``)."""
         return self.engine.weights_digest()
 
     def receive_weights(self, version: int) -> int:
-        """Receive every bucket of ``version`` into the staging tensors, then swap them in at a token
-        boundary. A failed transfer raises before the engine is touched (it stays on the old version)."""
-        if self.config.engine == "vllm":
-            self.engine.receive_weights(version, timeout_s=self.config.weight_update_timeout_s)
-            return self.engine.version
-        self.realloc.run(version, staging=self.staging)
-        return self.update_weights(self.staging[self.realloc_rank], version)
+        """Receive every bucket of ``version``, then swap it in at a token boundary. A failed transfer
+        raises before the engine is touched (it stays on the old version)."""
+        self.engine.receive_weights(version, timeout_s=self.config.weight_update_timeout_s)
+        return self.engine.version
 
     # ---- colocated placement (vLLM on the trainer's GPU) ---------------------------------------------
+    @property
+    def _colocated(self) -> ColocatedEngine:
+        # The config admits colocated placement only with an engine that can sleep (vLLM).
+        return cast(ColocatedEngine, self.engine)
+
     def make_arena(self, plan, engine_rank: int):
         """Allocate this engine's staging arena; returns the ``IpcHandle`` for the trainer rank."""
-        return self.engine.make_arena(plan, engine_rank)
+        return self._colocated.make_arena(plan, engine_rank)
 
     def load_staged(self, version: int) -> int:
         """The colocated trainer rank wrote ``version`` into the arena: load it at a token boundary."""
-        self.engine.load_staged(version, timeout_s=self.config.weight_update_timeout_s)
+        self._colocated.load_staged(version, timeout_s=self.config.weight_update_timeout_s)
         return self.engine.version
 
     def sleep(self) -> None:
         """Give the GPU to the trainer: pause generation and free the engine's memory."""
-        self.engine.sleep()
+        self._colocated.sleep()
 
     def wake(self) -> None:
         """Take the GPU back; generation stays paused until ``resume`` (after the weight sync)."""
-        self.engine.wake(resume=False)
+        self._colocated.wake(resume=False)
 
     def resume(self) -> None:
         self.engine.resume()

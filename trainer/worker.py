@@ -446,9 +446,8 @@ class TrainerRank:
         from areal_like.core.realloc.executor import ReallocExecutor
         from areal_like.core.realloc.ipc import open_ipc_staging
 
-        if getattr(self, "realloc", None) is not None:  # rebuilt: leave the old group first
-            self.realloc.close(wait_s=2.0)
-        self.realloc = ReallocExecutor(plan, self.rank, config, master_addr, master_port)
+        previous = getattr(self, "realloc", None)
+        self.realloc = ReallocExecutor.rejoin(previous, plan, self.rank, config, master_addr, master_port)
         self.realloc_staging = {
             e: open_ipc_staging(plan, ipc_handles[e]) for e in plan.hosted_by(self.rank) if ipc_handles
         }

@@ -1,5 +1,6 @@
 """Rollout workers on local Ray with a real dispatcher and datastore: metadata, dynamic sampling,
-and routing around a worker whose engine stalls or whose actor dies."""
+forced lengths, and the supervisor taking out of rotation a worker whose engine stalls or whose
+actor dies."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from areal_like.core.types import PromptRecord
 from areal_like.dispatch import PromptDispatcher
 from datastore import DataStoreConfig, make_datastore
 from rollout.config import RolloutConfig
-from rollout.samples import META_COLUMN, SampleMetadata
+from rollout.samples import META_COLUMN, ForcedLengths, SampleMetadata
 from rollout.supervisor import RolloutSupervisor
 from rollout.worker import RolloutWorker
 
@@ -34,7 +35,7 @@ def model_dir(tmp_path_factory):
 class Fleet:
     """A dispatcher, a datastore and ``num_workers`` rollout workers over ``records``."""
 
-    def __init__(self, model_dir, records, reward_fn, num_workers, **rollout):
+    def __init__(self, model_dir, records, reward_fn, num_workers, forced_lengths=None, **rollout):
         tokenizer = load_tokenizer(model_dir)
         ids = [tokenizer.encode(r.text, add_special_tokens=False) for r in records]
         self.dispatcher = (
@@ -48,7 +49,9 @@ class Fleet:
         )
         actor = ray.remote(RolloutWorker).options(num_cpus=0, max_concurrency=4)
         self.workers = [
-            actor.remote(i, config, model_dir, reward_fn, 5.0, 1, self.dispatcher, self.store, i, 0)
+            actor.remote(
+                i, config, model_dir, reward_fn, 5.0, 1, self.dispatcher, self.store, i, 0, forced_lengths
+            )
             for i in range(num_workers)
         ]
 
@@ -110,6 +113,20 @@ def test_dynamic_sampling_drops_equal_reward_groups_counts_them_and_refills_the_
             assert info.latency_s > 0
         assert len(by_group) == CAPACITY
         assert all(len(set(rewards)) > 1 for rewards in by_group.values())  # no zero-advantage group
+    finally:
+        fleet.close()
+
+
+def test_forced_lengths_ignore_eos_and_fix_every_response_length(ray_local, model_dir):
+    fleet = Fleet(
+        model_dir, addition_records(str), f"{FIXTURES}:exact", 1, ForcedLengths(median=2, sigma=0.0)
+    )
+    try:
+        ray.get(fleet.workers[0].start.remote(), timeout=120)
+        fleet.wait_for_accepted(CAPACITY)
+        _, rows = fleet.read_all(CAPACITY)
+        infos = [SampleMetadata.from_column(row[META_COLUMN]) for row in rows]
+        assert {(info.response_len, info.finish_reason) for info in infos} == {(2, "length")}
     finally:
         fleet.close()
 

@@ -11,7 +11,7 @@ import torch
 
 from areal_like.config import ConfigError, load_config
 from rollout.config import VLLMConfig
-from rollout.samples import forced_length
+from rollout.samples import ForcedLengths, forced_length
 
 GPU_RECIPE = "configs/gpu_addition.yaml"
 
@@ -37,7 +37,6 @@ def test_vllm_settings_are_validated():
         (["realloc.backend=gloo"], "realloc.backend='nccl'"),
         (["placement.devices=colocated"], "realloc.placement='colocated'"),
         (["placement.devices=gpu"], "allowed values are 'cpu', 'split', 'colocated'"),
-        (["rollout.forced_length_median=9"], "forced_length_median=9"),
     ],
 )
 def test_device_placement_errors_name_the_fix(overrides, message):
@@ -54,6 +53,17 @@ def test_gpu_recipe_loads_for_both_placements():
     )
     colocated = load_config(GPU_RECIPE, ["placement.devices=colocated", "realloc.placement=colocated"])
     assert colocated.placement.devices == "colocated"
+
+
+def test_a_forced_length_median_beyond_the_cap_is_refused_before_the_run_naming_the_fix():
+    from areal_like.controller import RLController
+
+    config = load_config(GPU_RECIPE)  # rollout.max_new_tokens=3
+    with pytest.raises(ValueError, match=r"ForcedLengths.median=9: .*rollout.max_new_tokens=3"):
+        RLController(config, forced_lengths=ForcedLengths(median=9))
+    RLController(config, forced_lengths=ForcedLengths(median=3))
+    with pytest.raises(ValueError, match="ForcedLengths.sigma=-1"):
+        ForcedLengths(median=3, sigma=-1)
 
 
 def test_forced_lengths_are_fixed_per_sample_and_lognormal():
@@ -141,3 +151,21 @@ def test_vllm_engine_needs_a_model_directory():
 
     with pytest.raises(ValueError, match="model_path"):
         make_engine(EngineConfig(type="vllm"))
+
+
+def test_each_engine_kind_names_the_layout_and_dtype_the_plan_writes_into():
+    from areal_like.core.realloc import Qwen2Dims
+    from rollout.engine import plan_destination
+
+    dims = Qwen2Dims(
+        vocab_size=100, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1
+    )
+    vllm = load_config(GPU_RECIPE, ["rollout.vllm.dtype=float16"]).rollout.engine_config()
+    hf = load_config(GPU_RECIPE, ["rollout.engine=hf", "placement.devices=split"]).rollout.engine_config()
+    assert (vllm.weights_dtype, hf.weights_dtype) == ("float16", "float32")
+    for engine, naming, fused in ((vllm, "vllm", True), (hf, "hf", False)):
+        layout = plan_destination(engine, dims, 2)
+        names = {t.name for t in layout.ranks[0]}
+        assert layout.naming == naming and layout.num_ranks == 2
+        assert ("model.layers.0.self_attn.qkv_proj.weight" in names) == fused
+        assert {t.dtype for t in layout.ranks[1]} == {engine.weights_dtype}

@@ -43,6 +43,14 @@ def test_evicted_and_rejected_groups_free_their_slots():
     assert gate.state.evicted_total == 1 and gate.state.rejected_total == 1
 
 
+def test_abandoned_groups_free_their_running_slots_without_counting_as_accepted():
+    gate = StalenessGate(batch_groups=2, max_staleness=0, max_concurrent=10)
+    assert gate.admit(5) == 2
+    gate.on_abandoned(2)
+    assert (gate.state.running, gate.state.accepted, gate.state.admitted_total) == (0, 0, 2)
+    assert gate.admit(5) == 2  # both slots are refilled
+
+
 def test_restore_resets_running_and_recounts_accepted():
     gate = StalenessGate(batch_groups=4, max_staleness=1, max_concurrent=100)
     gate.restore(GateState(version=3, accepted=17, running=5), num_buffered_groups=2)
@@ -98,7 +106,8 @@ def test_abandoned_groups_are_requeued_and_free_their_slot():
     d = _dispatcher(n=5, eta=0, batch=2)
     groups = d.acquire(2)
     assert d.acquire(1) == []
-    d.abandon([groups[1].group_id])
+    d.abandon([groups[1].group_id, groups[1].group_id, 999])  # repeats and unknown ids are ignored
+    assert d.gate_state().running == 1
     again = d.acquire(1)
     assert again[0].prompt.prompt_id == groups[1].prompt.prompt_id
 

@@ -123,6 +123,23 @@ class ReallocExecutor:
         self._copy_cache: dict[tuple[str, int, int], CopyList] = {}
         self._copy_signature: tuple = ()
 
+    @classmethod
+    def rejoin(
+        cls,
+        previous: ReallocExecutor | None,
+        plan: Plan,
+        member: int,
+        config: ReallocConfig,
+        master_addr: str,
+        master_port: int,
+    ) -> ReallocExecutor:
+        """A new executor on the group at ``master_port``, after leaving ``previous`` (the group being
+        rebuilt, None the first time). Every member rebuilds at once, so member 0 waits only briefly
+        for the others to leave the old store; a dead member never leaves it."""
+        if previous is not None:
+            previous.close(wait_s=2.0)
+        return cls(plan, member, config, master_addr, master_port)
+
     def run(
         self,
         version: int,
