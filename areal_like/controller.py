@@ -41,6 +41,7 @@ from areal_like.dispatch import PromptDispatcher
 from areal_like.metrics import (
     JsonlSink,
     MetricsLogger,
+    MetricsSink,
     TensorBoardSink,
     WandbSink,
     progress_line,
@@ -183,7 +184,7 @@ class RLController:
     def build(self) -> None:
         cfg = self.config
         self.model_path = launch.resolve_model_path(cfg.model, self.run_dir)
-        self.prompts: PromptSets = tokenize_prompts(self.prompt_records, self.model_path)
+        self.prompts = tokenize_prompts(self.prompt_records, self.model_path)
         self.store = make_datastore(cfg.datastore)
         self.dispatcher = (
             ray.remote(PromptDispatcher)
@@ -498,7 +499,7 @@ class RLController:
     @property
     def metrics(self) -> MetricsLogger:
         if self._metrics is None:
-            sinks = [JsonlSink(os.path.join(self.run_dir, "metrics.jsonl"))]
+            sinks: list[MetricsSink] = [JsonlSink(os.path.join(self.run_dir, "metrics.jsonl"))]
             if self.config.run.tensorboard:
                 sinks.append(TensorBoardSink(os.path.join(self.run_dir, "tensorboard")))
             if self.config.run.wandb_project:

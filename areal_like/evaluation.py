@@ -100,6 +100,7 @@ def evaluate(
     if data is not None:
         records = load_prompts(data).records
     else:
+        assert run_prompts is not None, "checked above: without --data there is a run config"
         records, data = run_prompts.eval, "held-out prompts of the run's task"
     reward_path = reward_fn or (run_prompts.reward_fn_path if run_prompts else None)
     if reward_path is None:

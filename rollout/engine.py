@@ -128,6 +128,11 @@ class RequestHandle:
         self._callbacks: list[Callable[[RequestHandle], None]] = []
         self._chunks: queue.SimpleQueue[TokenChunk | None] | None = queue.SimpleQueue() if stream else None
 
+    def finished_s(self) -> float:
+        """``finished_at`` of a resolved request (the caller knows it is done)."""
+        assert self.finished_at is not None, f"request {self.request_id} has not finished"
+        return self.finished_at
+
     def done(self) -> bool:
         return self._done.is_set()
 

@@ -233,9 +233,10 @@ class HFEngine:
         with self._cond:
             # One update at a time: a second updater waits for the first to be applied.
             if not self._cond.wait_for(lambda: self._pending is None, timeout=timeout_s):
+                ahead = self._pending.version if self._pending is not None else "?"
                 raise TimeoutError(
                     f"engine {self.engine_id}: update to version {version} waited {timeout_s}s behind the "
-                    f"update to version {self._pending.version}, which is still not applied; "
+                    f"update to version {ahead}, which is still not applied; "
                     "check that the engine thread is making progress."
                 )
             self._pending = update
@@ -449,7 +450,7 @@ class HFEngine:
                 self._cond.wait(_PARK_POLL_S)
                 continue
             self._parked = False
-            newcomers = []
+            newcomers: list[_Request] = []
             while self._waiting and len(rows) + len(newcomers) < self.max_batch_size:
                 newcomers.append(self._waiting.popleft())
             if not rows and not newcomers:
@@ -485,7 +486,7 @@ class HFEngine:
             logits, joined = kv_batch.prefill(
                 self.model, [r.prompt_ids for r in newcomers], self._pad_token_id
             )
-            batch = kv_batch.concat(batch, joined) if rows else joined
+            batch = kv_batch.concat(batch, joined) if rows and batch is not None else joined
             parts.append(logits)
         self._decode_steps += 1
         assert batch is not None

@@ -226,6 +226,7 @@ class RolloutSupervisor:
     def _replace(self, wid: int) -> None:
         """A fresh actor for worker ``wid``: synced to the last weights, started, back in rotation
         (with ``defer_start``: in rotation but unstarted until the next weight sync)."""
+        assert self._make_worker is not None, "replacements are made only with a worker factory"
         handle = self._make_worker(wid)
         if self._defer_start:
             self._active[wid] = handle

@@ -22,12 +22,18 @@ prefix cache so running requests are re-encoded by the new weights.
 from __future__ import annotations
 
 import pickle
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 
 class WeightExtension:
     """Mixed into vLLM's worker: ``self.get_model()`` and ``self.vllm_config`` come from there."""
+
+    if TYPE_CHECKING:  # provided by vLLM's worker class this is mixed into
+        vllm_config: Any
+
+        def get_model(self) -> Any: ...
 
     # ---- object-store path --------------------------------------------------------------------------
     def areal_load_shared(self, blob: bytes) -> int:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -156,7 +157,8 @@ class RolloutWorker:
         self._retired: str | None = None
         self._finished: queue.SimpleQueue[int] = queue.SimpleQueue()  # group id per finished request
         self._last_steps, self._last_progress = -1, time.monotonic()
-        self._counters = collections.Counter()
+        self._counters: collections.Counter[str] = collections.Counter()
+        self._seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
         self._finish_reasons: collections.Counter[str] = collections.Counter()
 
     # ---- rollout loop --------------------------------------------------------------------------------
@@ -219,12 +221,15 @@ class RolloutWorker:
                     handle = self.engine.submit(
                         list(group.prompt_ids), self._params_for(group.group_id, index)
                     )
-                    handle.add_done_callback(lambda _, gid=group.group_id: self._finished.put(gid))
+                    handle.add_done_callback(functools.partial(self._on_request_done, group.group_id))
                     entry.handles.append(handle)
         if not groups and not self._groups:
             start = time.perf_counter()
             self._stop.wait(_POLL_S)
-            self._counters["idle_s"] += time.perf_counter() - start
+            self._seconds["idle_s"] += time.perf_counter() - start
+
+    def _on_request_done(self, group_id: int, _handle: RequestHandle) -> None:
+        self._finished.put(group_id)  # on the engine's thread: only a queue put
 
     def _params_for(self, group_id: int, index: int) -> SamplingParams:
         """The run's sampling params, or (benchmarks) a forced lognormal length with eos ignored."""
@@ -236,7 +241,7 @@ class RolloutWorker:
 
     def _collect_finished_groups(self) -> list[_GroupInFlight]:
         """Groups whose every request has finished (waits up to ``_POLL_S`` for the first request)."""
-        ready = []
+        ready: list[_GroupInFlight] = []
         timeout_s: float | None = _POLL_S if self._groups else 0.0
         while True:
             try:
@@ -266,7 +271,7 @@ class RolloutWorker:
         ]
         start = time.perf_counter()
         scores = self.rewards.score(items)
-        self._counters["reward_s"] += time.perf_counter() - start
+        self._seconds["reward_s"] += time.perf_counter() - start
 
         writes, accepted, rejected, offset = [], [], [], 0
         for entry in ready:
@@ -276,7 +281,7 @@ class RolloutWorker:
             if self.config.dynamic_sampling and rewards_all_equal(group_scores):
                 rejected.append(group.group_id)
                 continue
-            latencies = [h.finished_at - h.submitted_at for h in entry.handles]
+            latencies = [h.finished_s() - h.submitted_at for h in entry.handles]
             writes.extend(build_group_writes(group, group_outputs, group_scores, latencies, self.worker_id))
             accepted.append(group.group_id)
         with self._write_lock:
@@ -295,7 +300,7 @@ class RolloutWorker:
         c["groups"] += len(ready)
         c["groups_filtered"] += len(rejected)
         for entry in ready:
-            c["generate_s"] += max(h.finished_at for h in entry.handles) - min(
+            self._seconds["generate_s"] += max(h.finished_s() for h in entry.handles) - min(
                 h.submitted_at for h in entry.handles
             )
             group_outputs = outputs[entry.group.group_id]
@@ -425,11 +430,11 @@ class RolloutWorker:
             groups_done=c["groups"],
             samples_done=c["samples"],
             tokens_generated=c["tokens"],
-            generate_s=c["generate_s"],
-            reward_s=c["reward_s"],
+            generate_s=self._seconds["generate_s"],
+            reward_s=self._seconds["reward_s"],
             reward_errors=rewards.get("error", 0),
             reward_timeouts=rewards.get("timeout", 0),
-            idle_s=c["idle_s"],
+            idle_s=self._seconds["idle_s"],
             groups_filtered=c["groups_filtered"],
             groups_abandoned=c["groups_abandoned"],
             finish_reasons=dict(self._finish_reasons),

@@ -110,7 +110,7 @@ def keep_local(parts: list[list[int]], owners: list[int]) -> list[list[int]]:
     return [part if part is not None else [] for part in out]
 
 
-def imbalance(loads: list[float]) -> float:
+def imbalance(loads: Sequence[float]) -> float:
     """max / mean of per-rank loads (1.0 = perfectly balanced)."""
     mean = sum(loads) / max(len(loads), 1)
     return max(loads) / mean if mean > 0 else 1.0

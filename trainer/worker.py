@@ -260,6 +260,7 @@ class TrainerRank:
         return token_logprobs(self.engine(**micro.model_inputs()).logits, micro.targets, self.temperature)
 
     def _ref_logp(self, micro: MicroBatch) -> torch.Tensor:
+        assert self.ref is not None, "a reference model is loaded whenever KL is configured"
         return token_logprobs(self.ref(**micro.model_inputs()).logits, micro.targets, self.temperature)
 
     @torch.no_grad()
