@@ -43,14 +43,16 @@ def samples(seed=0, vocab=20):
     return out
 
 
-def loss_of(logp, micro, seed=1):
-    """GSPO with a behaviour weight, on the micro-batch layout [B, L]."""
+def loss_of(logp, micro, base, seed=1):
+    """GSPO with a behaviour weight, on the micro-batch layout [B, L]; the proximal and behaviour
+    log-probs are fixed offsets from ``base`` (the reference's log-probs), so the loss's value
+    depends on ``logp`` too."""
     from trainer.policy_losses import policy_loss, span_segments
 
     g = torch.Generator().manual_seed(seed)
     mask = micro.loss_mask
-    behav = logp.detach() - 0.1 * torch.rand(mask.shape, generator=g)
-    prox = logp.detach() + 0.01 * torch.randn(mask.shape, generator=g)
+    behav = base - 0.1 * torch.rand(mask.shape, generator=g)
+    prox = base + 0.01 * torch.randn(mask.shape, generator=g)
     adv = torch.randn(mask.shape, generator=g)
     segments = span_segments(mask.shape, micro.rows, micro.starts, micro.lengths)
     cfg = TrainConfig(policy_loss="gspo", gspo_eps_clip=0.2, gspo_eps_clip_high=0.2)
@@ -78,14 +80,15 @@ def _job(rank, port, model_dirs, out):
         load = dict(local_files_only=True, attn_implementation="sdpa", dtype=torch.float32)
         for name, micro in layouts.items():
             reference = AutoModelForCausalLM.from_pretrained(model_dir, **load)
-            ref_loss = loss_of(token_logprobs(reference(**micro.model_inputs()).logits, micro.targets), micro)
+            ref_logp = token_logprobs(reference(**micro.model_inputs()).logits, micro.targets)
+            ref_loss = loss_of(ref_logp, micro, ref_logp.detach())
             ref_loss.backward()
             model = AutoModelForCausalLM.from_pretrained(model_dir, **load)
             use_ulysses(model, dist.group.WORLD)
             logp, _ = sequence_parallel_logprobs(
                 model, micro.input_ids, micro.position_ids, micro.targets, dist.group.WORLD
             )
-            loss = loss_of(logp, micro)
+            loss = loss_of(logp, micro, ref_logp.detach())
             loss.backward()
             worst = 0.0
             for (_, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
