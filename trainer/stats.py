@@ -70,7 +70,7 @@ class TrainStats:
     imp_weight_mean: float
     imp_weight_max: float
     capped_frac: float
-    """Fraction of response tokens whose pi_prox / pi_behav exceeded the cap."""
+    """Fraction of response tokens whose pi_prox / pi_behav left [floor, cap] (masked or clamped)."""
     behav_prox_logp_diff: float
     """mean |logp_behav - logp_prox| over response tokens: engine vs trainer mismatch."""
     grad_norm: float
