@@ -13,6 +13,8 @@ ALGOS = ("grpo", "ppo")
 BALANCE = ("kk", "ffd", "none")
 PROX_LOGP = ("recompute", "loglinear")
 CAP_MODES = ("mask", "clamp")
+IMP_WEIGHT_LEVELS = ("token", "sequence", "geometric")
+POLICY_LOSSES = ("ppo", "cispo", "gspo", "sapo", "m2po")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "sgd")
@@ -180,7 +182,13 @@ class TrainConfig:
     gae_lambda: float = 1.0
     """GAE lambda (PPO with a critic; e.g. 0.95)."""
 
-    # -- policy loss ---------------------------------------------------------------------------------
+    # -- policy loss (formulas and papers: docs/algorithms.md) -------------------------------------
+    policy_loss: str = "ppo"
+    """Surrogate on the policy ratio u = pi_theta / pi_prox: ppo (clipped, the knobs eps_clip,
+    eps_clip_high, dual_clip), cispo (clipped and detached u times log pi), gspo (clipped
+    sequence-level geometric-mean ratio), sapo (soft sigmoid gate instead of the clip), m2po
+    (unclipped u; tokens with the largest squared log(pi_theta / pi_behav) leave the loss until the
+    second moment is at most m2po_threshold). The behaviour weight below applies to all of them."""
     eps_clip: float = 0.2
     """PPO clip range below 1 (and above 1 unless eps_clip_high is set)."""
     eps_clip_high: float | None = None
@@ -194,8 +202,32 @@ class TrainConfig:
     behav_imp_weight_cap: float | None = 5.0
     """Cap on pi_prox / pi_behav; None keeps all tokens with the full weight (the paper's objective)."""
     behav_imp_weight_mode: str = "mask"
-    """mask: tokens above the cap leave the loss (AReaL's rejection sampling); clamp: their weight
-    becomes the cap (truncated importance sampling)."""
+    """mask: tokens whose weight leaves [floor, cap] leave the loss (masked importance sampling,
+    MIS; AReaL's rejection sampling); clamp: their weight is clamped into [floor, cap] (truncated
+    importance sampling, TIS)."""
+    behav_imp_weight_floor: float | None = None
+    """Lower bound of pi_prox / pi_behav (e.g. 0.5); null: none. With mode mask and a cap this is
+    IcePop: tokens whose trainer/engine probability ratio leaves [floor, cap] are masked."""
+    behav_imp_weight_level: str = "token"
+    """token: each token's own weight; sequence: one weight per sequence, the product of its
+    tokens' ratios (sequence-level TIS/MIS); geometric: the geometric mean of its tokens' ratios.
+    The bounds then apply to that weight and the whole sequence is kept, masked or clamped."""
+    cispo_eps_low: float | None = None
+    """CISPO: the detached ratio is clipped below at 1 - cispo_eps_low; null: no lower bound
+    (MiniMax-M1)."""
+    cispo_eps_high: float = 0.28
+    """CISPO: the detached ratio is clipped above at 1 + cispo_eps_high."""
+    gspo_eps_clip: float = 3e-4
+    """GSPO: clip range below 1 of the sequence ratio (the paper's 3e-4: sequence ratios are
+    geometric means over tokens and stay much closer to 1 than token ratios)."""
+    gspo_eps_clip_high: float = 4e-4
+    """GSPO: clip range above 1 of the sequence ratio (the paper's 4e-4)."""
+    sapo_tau_pos: float = 1.0
+    """SAPO: temperature of the sigmoid gate for positive advantages (higher = sharper)."""
+    sapo_tau_neg: float = 1.05
+    """SAPO: temperature of the gate for negative advantages (the paper keeps it above tau_pos)."""
+    m2po_threshold: float = 0.04
+    """M2PO: bound on the mean squared log(pi_theta / pi_behav) of the tokens a micro-batch keeps."""
     prox_logp: str = "recompute"
     """recompute: a no-grad forward with the pre-update weights; loglinear: AReaL's approximation
     from per-token versions (skips that forward pass)."""
@@ -205,6 +237,16 @@ class TrainConfig:
     seq_mean_token_sum: token sum / (loss_norm_tokens * sequences) (Dr.GRPO)."""
     loss_norm_tokens: int | None = None
     """Constant length of seq_mean_token_sum; null uses rollout.max_new_tokens."""
+
+    # -- engine/trainer mismatch guards ------------------------------------------------------------
+    logp_mismatch_warn: float | None = 0.05
+    """Warn when the mean abs(logp_engine - logp_trainer) over the first minibatch's fresh tokens
+    (made by the very weights being trained) exceeds this; null disables."""
+    logp_mismatch_stop: float | None = 0.25
+    """Stop the run (before the optimizer step) when that mean exceeds this on a step whose first
+    minibatch is all fresh tokens (every eta=0 step, and the first step of any run): the engine
+    samples from another distribution than the trainer scores (temperature, top_p/top_k, weights
+    not loaded). null disables."""
 
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Reward shaping."""
@@ -237,6 +279,8 @@ class TrainConfig:
             ("balance", BALANCE),
             ("prox_logp", PROX_LOGP),
             ("behav_imp_weight_mode", CAP_MODES),
+            ("behav_imp_weight_level", IMP_WEIGHT_LEVELS),
+            ("policy_loss", POLICY_LOSSES),
             ("loss_agg", LOSS_AGGREGATIONS),
             ("lr_schedule", LR_SCHEDULES),
             ("optimizer", OPTIMIZERS),
@@ -268,6 +312,7 @@ class TrainConfig:
                 f"train.behav_imp_weight_cap={self.behav_imp_weight_cap}: must be > 1 (e.g. 5.0) "
                 "or null for no cap"
             )
+        self._check_policy_loss()
         if self.prox_logp == "loglinear" and not self.use_decoupled_loss:
             raise ValueError(
                 "train.prox_logp='loglinear' approximates the decoupled loss's proximal policy; set "
@@ -279,6 +324,35 @@ class TrainConfig:
             raise ValueError(f"train.gae_lambda={self.gae_lambda}: must be in [0, 1]")
         if self.loss_norm_tokens is not None and self.loss_norm_tokens < 1:
             raise ValueError(f"train.loss_norm_tokens={self.loss_norm_tokens}: must be >= 1 or null")
+
+    def _check_policy_loss(self) -> None:
+        floor = self.behav_imp_weight_floor
+        if floor is not None and not 0 < floor < 1:
+            raise ValueError(
+                f"train.behav_imp_weight_floor={floor}: must be in (0, 1), e.g. 0.5, or null (no floor)"
+            )
+        corrected = self.behav_imp_weight_floor is not None or self.behav_imp_weight_level != "token"
+        if corrected and not self.use_decoupled_loss:
+            raise ValueError(
+                "train.behav_imp_weight_floor / behav_imp_weight_level correct pi_prox / pi_behav, which is "
+                "1 without the decoupled loss; set train.use_decoupled_loss=true"
+            )
+        if self.dual_clip is not None and self.policy_loss != "ppo":
+            raise ValueError(
+                f"train.dual_clip={self.dual_clip} applies to train.policy_loss=ppo only, not "
+                f"{self.policy_loss!r}; set train.dual_clip=null"
+            )
+        if self.cispo_eps_low is not None and not 0 < self.cispo_eps_low <= 1:
+            raise ValueError(f"train.cispo_eps_low={self.cispo_eps_low}: must be in (0, 1] or null")
+        for name in ("cispo_eps_high", "gspo_eps_clip", "gspo_eps_clip_high", "sapo_tau_pos",
+                     "sapo_tau_neg", "m2po_threshold"):  # fmt: skip
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name}={getattr(self, name)}: must be > 0")
+        if not self.gspo_eps_clip < 1:
+            raise ValueError(f"train.gspo_eps_clip={self.gspo_eps_clip}: must be < 1 (e.g. 3e-4)")
+        for name in ("logp_mismatch_warn", "logp_mismatch_stop"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"train.{name}={getattr(self, name)}: must be > 0 or null (off)")
 
     @property
     def total_optimizer_steps(self) -> int:

@@ -1,11 +1,59 @@
 """What a trainer rank reports for a train step: ``TrainStats`` (crosses the Ray boundary to the
-controller) and ``summarize``, which turns the step's all-reduced sums and maxima into it."""
+controller) and ``summarize``, which turns the step's all-reduced sums and maxima into it; and the
+engine/trainer log-prob mismatch guard (``fresh_mismatch``, ``check_logp_mismatch``)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from trainer.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+class LogpMismatchError(RuntimeError):
+    """The engine's log-probs disagree with the trainer's on tokens made by the same weights."""
+
+
+def fresh_mismatch(behav_logp, logp, versions, mask, version: int) -> tuple[float, float]:
+    """(sum of abs(behav_logp - logp), count) over the loss tokens sampled by weights ``version``
+    (fresh tokens). All inputs [B, L]; ``logp`` is the trainer's, scored with those same weights,
+    so what differs is the engine alone: numerics, and any sampling setting the trainer lacks."""
+    fresh = (versions == version) & (mask > 0)
+    diff = (behav_logp - logp.detach()).abs()
+    return float(diff[fresh].sum().item()), float(fresh.sum().item())
+
+
+def check_logp_mismatch(
+    cfg: TrainConfig, diff_sum: float, fresh_tokens: float, loss_tokens: float, version: int, log: bool
+) -> float | None:
+    """Warn and stop on the mean engine/trainer mismatch of the first minibatch's fresh tokens
+    (global sums: ``loss_tokens`` counts all its loss tokens). The stop needs every token fresh
+    (an eta=0 step, or the first step of any run): then nothing but the engine can explain a gap.
+    Returns the mean (None without fresh tokens); ``log``: this rank logs the warning."""
+    if fresh_tokens <= 0:
+        return None
+    mean = diff_sum / fresh_tokens
+    all_fresh = fresh_tokens >= loss_tokens
+    if cfg.logp_mismatch_stop is not None and all_fresh and mean > cfg.logp_mismatch_stop:
+        raise LogpMismatchError(
+            f"trainer: mean abs(logp_engine - logp_trainer) = {mean:.4f} over the {int(fresh_tokens)} "
+            f"tokens of the first minibatch at version {version}, all sampled by the weights being "
+            f"trained, exceeds train.logp_mismatch_stop={cfg.logp_mismatch_stop}; the step was not "
+            "applied. The engine samples from another distribution than the trainer scores: check "
+            "that rollout.temperature is what the engine applies, that the engine reports log-probs "
+            "of the untruncated distribution (top_p/top_k), and that the engines loaded the latest "
+            "weights. Raise train.logp_mismatch_stop, or set it to null, to train anyway."
+        )
+    if log and cfg.logp_mismatch_warn is not None and mean > cfg.logp_mismatch_warn:
+        logger.warning(
+            "version %d: mean abs(logp_engine - logp_trainer) = %.4f over %d fresh tokens of the first "
+            "minibatch exceeds train.logp_mismatch_warn=%s (temperature, top_p/top_k, or stale "
+            "engine weights?)",
+            version, mean, int(fresh_tokens), cfg.logp_mismatch_warn,
+        )  # fmt: skip
+    return mean
 
 
 @dataclass
@@ -22,7 +70,7 @@ class TrainStats:
     imp_weight_mean: float
     imp_weight_max: float
     capped_frac: float
-    """Fraction of response tokens whose pi_prox / pi_behav exceeded the cap."""
+    """Fraction of response tokens whose pi_prox / pi_behav left [floor, cap] (masked or clamped)."""
     behav_prox_logp_diff: float
     """mean |logp_behav - logp_prox| over response tokens: engine vs trainer mismatch."""
     grad_norm: float
@@ -84,6 +132,10 @@ def summarize(
         "train/samples_moved": batch["moved"],
         "perf/train_tokens_per_s": totals["real_tokens"] / max(peaks["update_s"], 1e-9),
     }
+    if totals["fresh_tokens"] > 0:
+        m["train/logp_mismatch_fresh"] = totals["fresh_diff"] / totals["fresh_tokens"]
+    if cfg.policy_loss == "m2po":
+        m["train/m2po_masked_frac"] = totals["m2po_masked"] / mask_tokens
     if cfg.kl.coef > 0:
         m["train/kl"] = totals["kl"] / mask_tokens
     if cfg.algo == "ppo":

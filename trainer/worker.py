@@ -32,7 +32,6 @@ from areal_like.core.types import TRAJECTORY_COLUMNS
 from datastore.types import DataStoreSamplesLost
 from trainer.advantages import normalize_with, sequence_scores, token_advantages
 from trainer.algorithms import (
-    decoupled_ppo_loss,
     kl_estimate,
     loglinear_prox_logp,
     loss_token_weights,
@@ -52,7 +51,8 @@ from trainer.config import TrainConfig
 from trainer.critic import Critic
 from trainer.deepspeed_engine import EngineSpec, init_distributed, load_train_model, make_engine
 from trainer.packing import agree_on_micro_batches, balanced_partition, imbalance, keep_local
-from trainer.stats import TrainStats, summarize
+from trainer.policy_losses import needs_segments, policy_loss, span_segments
+from trainer.stats import TrainStats, check_logp_mismatch, fresh_mismatch, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -300,17 +300,20 @@ class TrainerRank:
     def _update(self, minibatches: list[_Minibatch], layout: ResponseLayout, tensors: dict):
         sums = dict.fromkeys(
             ("loss", "tokens", "clipped", "imp_sum", "capped", "dual", "diff", "mask_tokens", "entropy", "kl",
-             "value_loss", "value_clipped", "slots", "real_tokens", "micro_batches"),
+             "value_loss", "value_clipped", "slots", "real_tokens", "micro_batches", "m2po_masked",
+             "fresh_diff", "fresh_tokens", "first_tokens"),
             0.0,
         )  # fmt: skip
         maxes = dict(imp_max=0.0, diff_max=0.0, neg_imp_min=-float("inf"), micro_batches=0.0)
         info = dict(grad_norm=0.0, critic_grad_norm=0.0, skipped=0)
-        for mb in minibatches:
+        for m, mb in enumerate(minibatches):
             for micro in mb.micro_batches:
                 sums["micro_batches"] += 1
                 sums["slots"] += micro.num_slots
                 sums["real_tokens"] += micro.num_real_tokens
-                self._backward_micro(micro, layout, tensors, sums, maxes)
+                self._backward_micro(micro, layout, tensors, sums, maxes, first=m == 0)
+            if m == 0:  # before the first optimizer step, so a stopped step changes no weights
+                self._guard_logp_mismatch(sums)
             maxes["micro_batches"] = max(maxes["micro_batches"], float(len(mb.micro_batches)))
             grad_norm, skipped = self._optimizer_step()
             info["grad_norm"] = grad_norm
@@ -319,7 +322,18 @@ class TrainerRank:
                 info["critic_grad_norm"] = self.critic.step()
         return sums, maxes, info
 
-    def _backward_micro(self, micro: MicroBatch, layout: ResponseLayout, tensors: dict, sums, maxes) -> None:
+    def _guard_logp_mismatch(self, sums) -> None:
+        """Engine vs trainer log-probs on the first minibatch's fresh tokens: warn or stop."""
+        cfg = self.config
+        if cfg.logp_mismatch_warn is None and cfg.logp_mismatch_stop is None:
+            return
+        local = [sums["fresh_diff"], sums["fresh_tokens"], sums["first_tokens"]]
+        totals = self._all_reduce(local, dist.ReduceOp.SUM)
+        check_logp_mismatch(cfg, *totals, version=self.policy_version, log=self.rank == 0)
+
+    def _backward_micro(
+        self, micro: MicroBatch, layout: ResponseLayout, tensors: dict, sums, maxes, first: bool = False
+    ) -> None:
         cfg = self.config
         behav = micro.scatter(layout.behav_logp)
         weights = micro.scatter(tensors["weights"])
@@ -331,20 +345,19 @@ class TrainerRank:
             prox = loglinear_prox_logp(behav, logp, micro.scatter(layout.versions), self.policy_version)
         else:
             prox = behav
-        loss, st = decoupled_ppo_loss(
-            logp,
-            prox,
-            behav,
-            micro.scatter(tensors["adv"]),
-            micro.loss_mask,
-            eps_clip=cfg.eps_clip,
-            eps_clip_high=cfg.eps_clip_high,
-            behav_imp_weight_cap=cfg.behav_imp_weight_cap,
-            use_decoupled_loss=cfg.use_decoupled_loss,
-            imp_weight_cap_mode=cfg.behav_imp_weight_mode,
-            dual_clip=cfg.dual_clip,
-            token_weights=weights,
-        )
+        if first:  # the weights the fresh tokens were sampled with: logp is their trainer score
+            diff, fresh = fresh_mismatch(
+                behav, logp, micro.scatter(layout.versions), micro.loss_mask, self.policy_version
+            )
+            sums["fresh_diff"] += diff
+            sums["fresh_tokens"] += fresh
+            sums["first_tokens"] += float(micro.loss_mask.sum())
+        segments = None
+        if needs_segments(cfg):
+            shape = micro.targets.shape
+            segments = span_segments(shape, micro.rows, micro.starts, micro.lengths, self.device)
+        adv = micro.scatter(tensors["adv"])
+        loss, st = policy_loss(cfg, logp, prox, behav, adv, micro.loss_mask, weights, segments)
         if tensors["ref"] is not None:
             kl = kl_estimate(logp, micro.scatter(tensors["ref"]), cfg.kl.estimator)
             sums["kl"] += float((kl.detach() * micro.loss_mask).sum())
@@ -369,6 +382,7 @@ class TrainerRank:
         sums["imp_sum"] += st.imp_weight_sum
         sums["capped"] += st.capped_tokens
         sums["dual"] += st.dual_clipped_tokens
+        sums["m2po_masked"] += st.m2po_masked_tokens
         sums["diff"] += st.behav_prox_abs_diff_sum
         sums["mask_tokens"] += float(micro.loss_mask.sum())
         sums["entropy"] += float((entropy * micro.loss_mask).sum())
