@@ -21,6 +21,7 @@ from areal_like.core.realloc.config import ReallocConfig
 from areal_like.placement import PlacementConfig
 from datastore.config import DataStoreConfig
 from rollout.config import RolloutConfig
+from rollout.rewards import RewardPoolConfig
 from trainer.config import TrainConfig
 
 
@@ -122,6 +123,9 @@ class TaskConfig:
     """Per-sample reward timeout; a timeout or an exception scores 0 and is counted."""
     reward_workers: int = 1
     """Reward worker processes per rollout worker."""
+    reward_pool: RewardPoolConfig = field(default_factory=RewardPoolConfig)
+    """Guards against a slow or broken reward function: concurrent timeouts, a batch budget, the
+    failure warning and the stop on an all-error batch."""
 
     def __post_init__(self) -> None:
         for name in (

@@ -111,6 +111,8 @@ class RLController:
             started = time.perf_counter()
             while self.step < self.config.train.max_steps and self.stop.received is None:
                 batch, wait_s = self.wait_for_batch()
+                if batch is None:  # a stop signal came while waiting
+                    break
                 stats, train_s = self.train(batch)
                 if stats is None:
                     continue
@@ -249,8 +251,9 @@ class RLController:
         ray.get(self.dispatcher.set_version.remote(self.version))
         self._wait([w.start.remote() for w in self.rollout.active], "rollout worker", "start")
 
-    def wait_for_batch(self) -> tuple[list[SampleMeta], float]:
-        """Block until ``batch_groups`` fresh complete groups are ready; evictions free gate slots."""
+    def wait_for_batch(self) -> tuple[list[SampleMeta] | None, float]:
+        """Block until ``batch_groups`` fresh complete groups are ready (None once a stop signal
+        came, checked every half second); evictions free gate slots."""
         cfg = self.config
         start = time.perf_counter()
         deadline = start + cfg.datastore.get_timeout_s
@@ -271,6 +274,8 @@ class RLController:
                 ray.get(self.dispatcher.on_lost.remote(lost))
             if batch is not None:
                 return batch.samples, time.perf_counter() - start
+            if self.stop.received is not None:
+                return None, time.perf_counter() - start
             now = time.perf_counter()
             if now - last_health > 5.0:
                 self._check_workers()

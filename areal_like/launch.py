@@ -88,4 +88,5 @@ def make_rollout_worker(
         store,
         seed + worker_id,
         0,
+        reward_pool=cfg.task.reward_pool,
     )
