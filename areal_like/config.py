@@ -19,6 +19,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from areal_like.core.models import ModelBuildConfig
 from areal_like.core.realloc.config import ReallocConfig
 from areal_like.placement import PlacementConfig
+from areal_like.preflight import PreflightConfig
 from datastore.config import DataStoreConfig
 from rollout.config import RolloutConfig
 from rollout.rewards import RewardPoolConfig
@@ -167,6 +168,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     realloc: ReallocConfig = field(default_factory=ReallocConfig)
+    preflight: PreflightConfig = field(default_factory=PreflightConfig)
 
     def __post_init__(self) -> None:
         samples = self.train.batch_groups * self.rollout.group_size

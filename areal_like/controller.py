@@ -33,7 +33,7 @@ import numpy as np
 import ray
 
 from areal_like import checkpoint as ckpt
-from areal_like import launch, placement
+from areal_like import launch, placement, preflight
 from areal_like.config import Config, to_yaml
 from areal_like.dispatch import PromptDispatcher
 from areal_like.metrics import (
@@ -44,7 +44,7 @@ from areal_like.metrics import (
     progress_line,
     truncate_after_step,
 )
-from areal_like.prompts import PromptSets, load_prompt_records, tokenize_prompts
+from areal_like.prompts import PromptSets, tokenize_prompts
 from areal_like.staleness import min_allowed_version
 from areal_like.step_metrics import step_metrics
 from areal_like.stop import StopRequest
@@ -92,7 +92,7 @@ class RLController:
 
     # ---- the loop ----------------------------------------------------------------------------------
     def run(self) -> RunSummary:
-        self.prompt_records = load_prompt_records(self.config.task, self.config.run.seed)
+        self.prompt_records = preflight.check_run(self.config).records  # before anything starts
         self.prepare_run_dir()
         self.start_ray()
         restore_signals = self.stop.install()
@@ -151,6 +151,7 @@ class RLController:
             ray.init(address="local", num_cpus=rc.num_cpus or os.cpu_count(), **kwargs)
         else:
             ray.init(address=rc.address, **kwargs)
+            preflight.check_cluster(self.config)
         self._owns_ray = True
 
     def build(self) -> None:
