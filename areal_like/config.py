@@ -127,6 +127,10 @@ class TaskConfig:
     reward_pool: RewardPoolConfig = field(default_factory=RewardPoolConfig)
     """Guards against a slow or broken reward function: concurrent timeouts, a batch budget, the
     failure warning and the stop on an all-error batch."""
+    sandbox: str = "bwrap"
+    """Isolation of model-written code (the code reward): 'bwrap' (bubblewrap namespaces, read-only
+    file system, unprivileged uid; the run refuses to start without bwrap) or 'weak' (resource
+    limits and audit hooks only). Set for every actor as AREAL_LIKE_SANDBOX."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -140,6 +144,8 @@ class TaskConfig:
                 raise ValueError(f"task.{name}={getattr(self, name)}: must be >= 1")
         if self.reward_timeout_s <= 0:
             raise ValueError(f"task.reward_timeout_s={self.reward_timeout_s}: must be > 0")
+        if self.sandbox not in ("bwrap", "weak"):
+            raise ValueError(f"task.sandbox={self.sandbox!r}: allowed values are 'bwrap', 'weak'")
 
 
 @dataclass

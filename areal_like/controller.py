@@ -147,6 +147,7 @@ class RLController:
             return
         rc = self.config.ray
         kwargs = dict(include_dashboard=False, configure_logging=False, log_to_driver=True)
+        kwargs["runtime_env"] = {"env_vars": preflight.job_env(self.config)}
         if rc.address is None:
             ray.init(address="local", num_cpus=rc.num_cpus or os.cpu_count(), **kwargs)
         else:

@@ -13,6 +13,8 @@ and checks, in the driver:
   file and line, or dropped and counted (``preflight.overlong_prompts``);
 - the dataset: fewer training prompts than ``train.batch_groups`` would repeat prompts inside one
   batch; refused or warned (``preflight.small_dataset``);
+- the code sandbox: a code reward needs bubblewrap unless ``task.sandbox`` is 'weak' (``job_env``
+  hands the choice to every actor);
 Every problem found is reported at once, as one ``ConfigError`` (the CLI exits 2) with the field or
 the file and line, the value and the fix.
 
@@ -99,6 +101,7 @@ def check_run(config: Config) -> Preflight:
     attempt(check_algorithm, config)
     attempt(check_vllm, config)
     attempt(check_local_gpus, config)
+    attempt(check_sandbox, config)
     model = attempt(check_model, config)
     records = attempt(load_prompt_records, config.task, config.run.seed)
     num_overlong = 0
@@ -191,6 +194,29 @@ def _local_gpus() -> tuple[int, str]:
     if not torch.cuda.is_available():
         return 0, f"CUDA is not available to torch {torch.__version__}"
     return torch.cuda.device_count(), "visible to CUDA"
+
+
+def check_sandbox(config: Config) -> None:
+    """A code reward runs model output: refuse without bubblewrap unless the weak mode is chosen."""
+    from areal_like.config import ConfigError
+    from areal_like.tasks.sandbox import bubblewrap_path
+
+    reward = config.task.reward_fn or ""
+    uses_code = config.task.name == "code" or reward.startswith("areal_like.tasks.code_reward:")
+    if uses_code and config.task.sandbox == "bwrap" and bubblewrap_path() is None:
+        raise ConfigError(
+            "task.sandbox='bwrap': the code reward runs model output under bubblewrap, and 'bwrap' is "
+            "not on PATH (or cannot make user namespaces here): install it (Debian/Ubuntu: apt-get "
+            "install -y bubblewrap), or set task.sandbox=weak for resource limits and audit hooks only "
+            "(no file-system, PID or user isolation)"
+        )
+
+
+def job_env(config: Config) -> dict[str, str]:
+    """Environment variables every actor of the run gets (Ray's runtime_env): the sandbox mode."""
+    from areal_like.tasks.sandbox import ENV_VAR
+
+    return {ENV_VAR: config.task.sandbox}
 
 
 def check_model(config: Config) -> tuple[object, int | None]:

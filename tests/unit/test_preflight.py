@@ -145,3 +145,16 @@ def test_the_quickstart_recipe_passes(tmp_path):
 def test_preflight_options_are_checked(tmp_path, key, value):
     with pytest.raises(ConfigError, match=f"preflight.{key}='{value}'"):
         load_config(QUICKSTART, [f"run.dir={tmp_path}", f"preflight.{key}={value}"])
+
+
+def test_a_code_reward_without_bubblewrap_is_refused_unless_the_weak_sandbox_is_chosen(tmp_path, monkeypatch):
+    from areal_like.tasks import sandbox
+
+    monkeypatch.setattr(sandbox, "bubblewrap_path", lambda: None)
+    code = ["task.reward_fn=areal_like.tasks.code_reward:code_reward", f"run.dir={tmp_path / 'run'}"]
+    with pytest.raises(
+        ConfigError, match="task.sandbox='bwrap'.*apt-get install -y bubblewrap.*task.sandbox=weak"
+    ):
+        check_run(load_config(QUICKSTART, code))
+    check_run(load_config(QUICKSTART, [*code, "task.sandbox=weak"]))
+    assert not os.path.exists(tmp_path / "run")
