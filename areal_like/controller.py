@@ -33,7 +33,7 @@ import numpy as np
 import ray
 
 from areal_like import checkpoint as ckpt
-from areal_like import launch, placement, preflight
+from areal_like import faults, launch, local_ray, placement, preflight
 from areal_like.config import Config, to_yaml
 from areal_like.dispatch import PromptDispatcher
 from areal_like.metrics import (
@@ -131,6 +131,11 @@ class RLController:
                 return self.finish(first_step, eval_before, None, train_seconds)
             eval_after = self.evaluate("after")
             return self.finish(first_step, eval_before, eval_after, train_seconds)
+        except Exception as err:
+            fault = faults.diagnose(self, err)  # a dead dispatcher or datastore controller, named
+            if fault is not None:
+                raise fault from err
+            raise
         finally:
             restore_signals()
             self.shutdown()
@@ -148,8 +153,8 @@ class RLController:
         rc = self.config.ray
         kwargs = dict(include_dashboard=False, configure_logging=False, log_to_driver=True)
         kwargs["runtime_env"] = {"env_vars": preflight.job_env(self.config)}
-        if rc.address is None:
-            ray.init(address="local", num_cpus=rc.num_cpus or os.cpu_count(), **kwargs)
+        if rc.address is None:  # its processes die with this driver, even a SIGKILLed one
+            local_ray.init(num_cpus=rc.num_cpus or os.cpu_count(), **kwargs)
         else:
             ray.init(address=rc.address, **kwargs)
             preflight.check_cluster(self.config)
@@ -465,7 +470,7 @@ class RLController:
         if getattr(self, "dispatcher", None) is not None:
             ray.kill(self.dispatcher)
         if getattr(self, "_owns_ray", False):
-            ray.shutdown()
+            local_ray.shutdown()
 
     # ---- builders ------------------------------------------------------------------------------
     @property

@@ -430,8 +430,9 @@ def _tree_cpu(pid: int) -> tuple[int, bool] | None:
                 fields = f.read().rsplit(b")", 1)[1].split()
             runnable |= fields[0] == b"R"
             total += int(fields[11]) + int(fields[12])  # utime, stime
-            with open(f"/proc/{current}/task/{current}/children", "rb") as f:
-                stack.extend(int(child) for child in f.read().split())
+            for task in os.listdir(f"/proc/{current}/task"):  # children of every thread
+                with open(f"/proc/{current}/task/{task}/children", "rb") as f:
+                    stack.extend(int(child) for child in f.read().split())
         except (OSError, IndexError, ValueError):
             if current == pid:
                 return None

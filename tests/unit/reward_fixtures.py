@@ -93,3 +93,8 @@ def sleep_spin_or_die(response: str, answer: str) -> float:
         with open(os.path.join(log_dir, f"{os.getpid()}-{started}"), "w") as f:
             f.write(f"{started} {time.time()}")
     return 1.0
+
+
+def always_raise(response: str, answer: str) -> float:
+    """A broken reward function: every call raises."""
+    raise KeyError(f"no field {answer!r}")
