@@ -11,6 +11,8 @@ first symptom reaches the controller as whatever error the next call meets (``Ac
 it pings both actors through Ray and, when one is dead, returns a ``RunFault`` whose message names
 the actor, what was lost, the last checkpoint and the command that resumes from it. The run then
 stops (the CLI prints the message, exit code 1, which ``scripts/train.sh`` answers by resuming).
+A reward function that fails on everything (``rollout.rewards.RewardFunctionBroken``) is the user's
+to fix, not a fault to resume from: it becomes a ``ConfigError`` (exit 2, not retried).
 """
 
 from __future__ import annotations
@@ -34,9 +36,19 @@ class RunFault(RuntimeError):
     """A one-of-a-kind actor of the run died; the message names it, the loss and the resume command."""
 
 
-def diagnose(controller: RLController, error: BaseException) -> RunFault | None:
-    """A ``RunFault`` when the prompt dispatcher or the datastore controller is dead, else None."""
+def diagnose(controller: RLController, error: BaseException) -> Exception | None:
+    """What to raise instead of ``error``: a ``RunFault`` when the prompt dispatcher or the datastore
+    controller is dead; a ``ConfigError`` (exit 2: resuming would fail again) when a rollout worker
+    stopped because the reward function failed on every item; else None."""
     from areal_like import checkpoint as ckpt
+    from areal_like.config import ConfigError
+
+    # A rollout worker's failure arrives as its traceback's text (the exception type stays in the
+    # actor), so the reward pool's verdict is recognised by its name.
+    text, marker = str(error), "RewardFunctionBroken: "
+    if marker in text:
+        verdict = text[text.index(marker) + len(marker) :].splitlines()[0]
+        return ConfigError(f"{verdict} (the run stopped at step {controller.step})")
 
     dead = [name for name, handle, method in _singletons(controller) if _is_dead(handle, method)]
     if not dead:
