@@ -120,7 +120,7 @@ malformed ground truth (a group of errors) does not."""
 class RewardPoolConfig:
     """How the reward pool keeps a slow or broken reward function from stalling or poisoning a run."""
 
-    concurrency: int = 64
+    concurrency: int = 256
     """Most calls one reward worker runs at once after a call of the batch timed out (each in a
     forked child; new ones start only while fewer than the machine's cores are busy computing).
     1 = always one call at a time (a batch of N hanging calls then takes N timeouts)."""
