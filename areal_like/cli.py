@@ -182,12 +182,16 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     from areal_like.config import ConfigError
+    from areal_like.faults import RunFault
 
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunFault as err:  # a named actor death: the message says what was lost and how to resume
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

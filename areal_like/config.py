@@ -19,8 +19,10 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from areal_like.core.models import ModelBuildConfig
 from areal_like.core.realloc.config import ReallocConfig
 from areal_like.placement import PlacementConfig
+from areal_like.preflight import PreflightConfig
 from datastore.config import DataStoreConfig
 from rollout.config import RolloutConfig
+from rollout.rewards import RewardPoolConfig
 from trainer.config import TrainConfig
 
 
@@ -122,6 +124,13 @@ class TaskConfig:
     """Per-sample reward timeout; a timeout or an exception scores 0 and is counted."""
     reward_workers: int = 1
     """Reward worker processes per rollout worker."""
+    reward_pool: RewardPoolConfig = field(default_factory=RewardPoolConfig)
+    """Guards against a slow or broken reward function: concurrent timeouts, a batch budget, the
+    failure warning and the stop on an all-error batch."""
+    sandbox: str = "bwrap"
+    """Isolation of model-written code (the code reward): 'bwrap' (bubblewrap namespaces, read-only
+    file system, unprivileged uid; the run refuses to start without bwrap) or 'weak' (resource
+    limits and audit hooks only). Set for every actor as AREAL_LIKE_SANDBOX."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -135,6 +144,8 @@ class TaskConfig:
                 raise ValueError(f"task.{name}={getattr(self, name)}: must be >= 1")
         if self.reward_timeout_s <= 0:
             raise ValueError(f"task.reward_timeout_s={self.reward_timeout_s}: must be > 0")
+        if self.sandbox not in ("bwrap", "weak"):
+            raise ValueError(f"task.sandbox={self.sandbox!r}: allowed values are 'bwrap', 'weak'")
 
 
 @dataclass
@@ -163,6 +174,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     realloc: ReallocConfig = field(default_factory=ReallocConfig)
+    preflight: PreflightConfig = field(default_factory=PreflightConfig)
 
     def __post_init__(self) -> None:
         samples = self.train.batch_groups * self.rollout.group_size

@@ -28,13 +28,14 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import ray
 from ray.actor import ActorHandle
 
 from areal_like import checkpoint as ckpt
-from areal_like import launch, placement
+from areal_like import faults, launch, local_ray, placement, preflight
 from areal_like.config import Config, to_yaml
 from areal_like.core.types import TRAJECTORY_COLUMNS
 from areal_like.dispatch import PromptDispatcher
@@ -47,7 +48,7 @@ from areal_like.metrics import (
     progress_line,
     truncate_after_step,
 )
-from areal_like.prompts import PromptRecords, PromptSets, load_prompt_records, tokenize_prompts
+from areal_like.prompts import PromptRecords, PromptSets, tokenize_prompts
 from areal_like.staleness import min_allowed_version
 from areal_like.step_metrics import step_metrics
 from areal_like.stop import StopRequest
@@ -126,7 +127,7 @@ class RLController:
 
     # ---- the loop ----------------------------------------------------------------------------------
     def run(self) -> RunSummary:
-        self.prompt_records = load_prompt_records(self.config.task, self.config.run.seed)
+        self.prompt_records = preflight.check_run(self.config).records  # before anything starts
         self.prepare_run_dir()
         self.start_ray()
         restore_signals = self.stop.install()
@@ -141,6 +142,8 @@ class RLController:
             started = time.perf_counter()
             while self.step < self.config.train.max_steps and self.stop.received is None:
                 batch, wait_s = self.wait_for_batch()
+                if batch is None:  # a stop signal came while waiting
+                    break
                 stats, train_s = self.train(batch)
                 if stats is None:
                     continue
@@ -159,6 +162,11 @@ class RLController:
                 return self.finish(first_step, eval_before, None, train_seconds)
             eval_after = self.evaluate("after")
             return self.finish(first_step, eval_before, eval_after, train_seconds)
+        except Exception as err:
+            fault = faults.diagnose(self, err)  # a dead dispatcher or datastore controller, named
+            if fault is not None:
+                raise fault from err
+            raise
         finally:
             restore_signals()
             self.shutdown()
@@ -174,11 +182,13 @@ class RLController:
         if ray.is_initialized():
             return
         rc = self.config.ray
-        kwargs = dict(include_dashboard=False, configure_logging=False, log_to_driver=True)
-        if rc.address is None:
-            ray.init(address="local", num_cpus=rc.num_cpus or os.cpu_count(), **kwargs)
+        kwargs: dict[str, Any] = dict(include_dashboard=False, configure_logging=False, log_to_driver=True)
+        kwargs["runtime_env"] = {"env_vars": preflight.job_env(self.config)}
+        if rc.address is None:  # its processes die with this driver, even a SIGKILLed one
+            local_ray.init(num_cpus=rc.num_cpus or os.cpu_count(), **kwargs)
         else:
             ray.init(address=rc.address, **kwargs)
+            preflight.check_cluster(self.config)
         self._owns_ray = True
 
     def build(self) -> None:
@@ -280,8 +290,9 @@ class RLController:
         self._ask_dispatcher(self.dispatcher.set_version.remote(self.version), "set_version")
         self._wait([w.start.remote() for w in self.rollout.active], "rollout worker", "start")
 
-    def wait_for_batch(self) -> tuple[list[SampleMeta], float]:
-        """Block until ``batch_groups`` fresh complete groups are ready; evictions free gate slots."""
+    def wait_for_batch(self) -> tuple[list[SampleMeta] | None, float]:
+        """Block until ``batch_groups`` fresh complete groups are ready (None once a stop signal
+        came, checked every half second); evictions free gate slots."""
         cfg = self.config
         start = time.perf_counter()
         deadline = start + cfg.datastore.get_timeout_s
@@ -306,6 +317,8 @@ class RLController:
                 self._ask_dispatcher(self.dispatcher.on_lost.remote(lost), "on_lost")
             if batch is not None:
                 return batch.samples, time.perf_counter() - start
+            if self.stop.received is not None:
+                return None, time.perf_counter() - start
             now = time.perf_counter()
             if now - last_health > 5.0:
                 self._check_workers()
@@ -493,7 +506,7 @@ class RLController:
         if getattr(self, "dispatcher", None) is not None:
             ray.kill(self.dispatcher)
         if self._owns_ray:
-            ray.shutdown()
+            local_ray.shutdown()
 
     # ---- builders ------------------------------------------------------------------------------
     @property

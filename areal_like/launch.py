@@ -92,4 +92,5 @@ def make_rollout_worker(
         seed + worker_id,
         0,
         forced_lengths,
+        reward_pool=cfg.task.reward_pool,
     )

@@ -52,6 +52,10 @@ def step_metrics(
         "rollout/groups_abandoned_total": sum(h.groups_abandoned for h in health),
         "rollout/interrupted_samples_total": sum(h.interrupted_samples for h in health),
         "rollout/reward_retries_total": sum(h.reward_retries for h in health),
+        "rollout/reward_failure_rate": float(
+            np.mean([h.reward_failure_rate for h in health if h.retired is None] or [0.0])
+        ),
+        "rollout/reward_warned_batches_total": sum(h.reward_warned_batches for h in health),
         "rollout/finish_length_total": sum(h.finish_reasons.get("length", 0) for h in health),
         "timing/step_s": step_s,
         "timing/wait_batch_s": seconds["wait_batch"],

@@ -1,5 +1,7 @@
 """Graceful stop on SIGINT/SIGTERM: the first one asks the run to stop after its step (and save a
-checkpoint); a second one aborts at once (``KeyboardInterrupt``)."""
+checkpoint); a second one aborts at once (``KeyboardInterrupt``). The controller polls ``received``
+between steps and, while it waits for a batch, every half second; a rollout worker being stopped
+abandons the batch it is scoring (``RewardPool.cancel``), so the stop never waits on a slow reward."""
 
 from __future__ import annotations
 
@@ -25,10 +27,15 @@ class StopRequest:
                 raise KeyboardInterrupt
             self.received = signal.Signals(signum).name
             print(
-                f"\n{self.received}: stopping after this step and saving a checkpoint "
-                "(send it again to abort without saving)",
+                f"\n{self.received}: stopping after this step (at once while waiting for a batch) and "
+                "saving a checkpoint (send it again to abort without saving)",
                 flush=True,
             )
 
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore

@@ -75,18 +75,19 @@ def make_datastore(config: DataStoreConfig) -> DataStoreClient:
 
     from datastore.client import DataStoreClient
     from datastore.controller import DataStoreController
-    from datastore.placement import on_this_node, start_units
+    from datastore.placement import on_this_node, start_units, use_loopback
     from datastore.types import DataStoreTimeout, StoreHandles
 
     secret = os.urandom(32)
-    units = start_units(config.num_storage_units, config.placement, secret)
+    loopback = use_loopback(config.bind)
+    units = start_units(config.num_storage_units, config.placement, secret, config.max_connections)
     controller_actor = ray.remote(num_cpus=0)(DataStoreController).options(scheduling_strategy=on_this_node())
     controller = controller_actor.remote(config, secret)  # starts while the units do
     try:
-        unit_endpoints = ray.get([unit.start_wire.remote() for unit in units], timeout=_STARTUP_TIMEOUT_S)
+        unit_endpoints = ray.get([u.start_wire.remote(loopback) for u in units], timeout=_STARTUP_TIMEOUT_S)
         unit_nodes = ray.get([unit.node_id.remote() for unit in units], timeout=_STARTUP_TIMEOUT_S)
         controller_endpoint = ray.get(
-            controller.start.remote(units, unit_nodes, unit_endpoints), timeout=_STARTUP_TIMEOUT_S
+            controller.start.remote(units, unit_nodes, unit_endpoints, loopback), timeout=_STARTUP_TIMEOUT_S
         )
     except Exception as err:
         for actor in (controller, *units):  # nothing half-started outlives the failure
@@ -98,10 +99,11 @@ def make_datastore(config: DataStoreConfig) -> DataStoreClient:
             ) from err
         raise
     logger.info(
-        "datastore: %d storage units on %d nodes (%s placement)",
+        "datastore: %d storage units on %d nodes (%s placement), listening on %s",
         len(units),
         len(set(unit_nodes)),
         config.placement,
+        controller_endpoint.host,
     )
     handles = StoreHandles(controller, units, unit_nodes, controller_endpoint, unit_endpoints, secret)
     return DataStoreClient(config, handles)

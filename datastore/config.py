@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PLACEMENTS = ("spread", "ray_default")
+BINDS = ("auto", "loopback", "node")
 
 
 @dataclass
@@ -31,6 +32,12 @@ class DataStoreConfig:
     health_check_interval_s: float = 5.0
     """How often the controller pings every unit; a dead one has its samples marked lost within
     about this long even when no client touches it."""
+    bind: str = "auto"
+    """Where the store's actors listen: 'auto' (the loopback address when the Ray cluster has one node
+    at start, else the node's address), 'loopback', or 'node' (for a cluster that grows later)."""
+    max_connections: int = 1024
+    """Most connections one store actor holds (each writer or reader thread keeps one per actor); one
+    more is closed at once. Connections that do not authenticate within 5 s are closed."""
 
     def __post_init__(self) -> None:
         if self.num_storage_units < 1:
@@ -48,6 +55,10 @@ class DataStoreConfig:
             raise ValueError(
                 f"datastore.health_check_interval_s={self.health_check_interval_s}: must be > 0 seconds"
             )
+        if self.bind not in BINDS:
+            raise ValueError(f"datastore.bind={self.bind!r}: choose one of {list(BINDS)}")
+        if self.max_connections < 1:
+            raise ValueError(f"datastore.max_connections={self.max_connections}: must be >= 1")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"datastore.placement={self.placement!r}: choose one of {list(PLACEMENTS)}")
         from datastore.policies import SAMPLING_POLICIES

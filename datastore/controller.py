@@ -51,6 +51,7 @@ from ray.exceptions import RayActorError
 
 from datastore.config import DataStoreConfig
 from datastore.index import MetadataIndex
+from datastore.placement import listen_host
 from datastore.policies import SAMPLING_POLICIES, make_sampling_policy
 from datastore.types import (
     LatencySummary,
@@ -105,7 +106,7 @@ class DataStoreController:
         self._unit_nodes: list[str] = []
         self._unit_endpoints: list[Endpoint] = []
         self._secret = secret
-        self._wire_server = WireServer(self, set(self.WIRE_METHODS), secret)
+        self._wire_server = WireServer(self, set(self.WIRE_METHODS), secret, config.max_connections)
         self._wire: AsyncWireClient | None = None  # made in start(), when the node is known
         self._index = MetadataIndex(0)
         self._policies = {name: make_sampling_policy(name) for name in SAMPLING_POLICIES}
@@ -117,9 +118,11 @@ class DataStoreController:
         self._data_changed = asyncio.Event()
         self._room_freed = asyncio.Event()
 
-    async def start(self, units: list, unit_nodes: list[str], unit_endpoints: list[Endpoint]) -> Endpoint:
-        """Take the (started) units, start serving on this node's address; returns where clients
-        connect. Called once, by ``make_datastore``, before any client exists."""
+    async def start(
+        self, units: list, unit_nodes: list[str], unit_endpoints: list[Endpoint], loopback: bool = False
+    ) -> Endpoint:
+        """Take the (started) units, start serving on this node's address (or loopback); returns where
+        clients connect. Called once, by ``make_datastore``, before any client exists."""
         import ray
 
         assert not self._units, "DataStoreController.start called twice"
@@ -127,7 +130,7 @@ class DataStoreController:
         self._index = MetadataIndex(len(units))
         node_id = ray.get_runtime_context().get_node_id()
         self._wire = AsyncWireClient(self._secret, node_id)
-        return await self._wire_server.start(ray.util.get_node_ip_address(), node_id)
+        return await self._wire_server.start(listen_host(loopback), node_id)
 
     # ---- writers -------------------------------------------------------------------------------
 

@@ -9,11 +9,16 @@
   random number fixed per process) picks, so every put of one writer lands on one unit (a group it
   writes stays together, and one put is one unit call) and the node's writers spread over its
   units; a restore, which has no home node, spreads by group id.
+- ``use_loopback`` / ``listen_host``: where the actors' wire servers listen. With every actor on one
+  node (a local Ray, or a one-node cluster under ``datastore.bind: auto``) they listen on the
+  loopback address only, so nothing on the machine's network reaches them.
 """
 
 from __future__ import annotations
 
 import logging
+
+from datastore.config import BINDS
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +32,28 @@ def alive_node_ids() -> list[str]:
     return [here, *others]
 
 
+LOOPBACK = "127.0.0.1"
+
+
+def use_loopback(bind: str) -> bool:
+    """Whether the store's actors listen on the loopback address (``bind`` is ``datastore.bind``)."""
+    assert bind in BINDS, bind
+    if bind != "auto":
+        return bind == "loopback"
+    import ray
+
+    return sum(1 for n in ray.nodes() if n["Alive"]) == 1
+
+
+def listen_host(loopback: bool) -> str:
+    """The address an actor's wire server binds: loopback, or its node's address."""
+    if loopback:
+        return LOOPBACK
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
 def on_this_node():
     """A scheduling strategy that pins an actor to the calling process's node: the controller goes
     where ``make_datastore`` runs (the RL controller's node), not wherever Ray finds room; an
@@ -37,7 +64,7 @@ def on_this_node():
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
-def start_units(num_units: int, placement: str, secret: bytes) -> list:
+def start_units(num_units: int, placement: str, secret: bytes, max_connections: int) -> list:
     """Start ``num_units`` StorageUnit actors (num_cpus=0) placed per ``placement``."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -46,13 +73,13 @@ def start_units(num_units: int, placement: str, secret: bytes) -> list:
 
     unit_actor = ray.remote(num_cpus=0)(StorageUnit)
     if placement == "ray_default":
-        return [unit_actor.remote(i, secret) for i in range(num_units)]
+        return [unit_actor.remote(i, secret, max_connections) for i in range(num_units)]
     assert placement == "spread", placement
     nodes = alive_node_ids()
     return [
         unit_actor.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False)
-        ).remote(i, secret)
+        ).remote(i, secret, max_connections)
         for i in range(num_units)
     ]
 

@@ -18,7 +18,8 @@ import logging
 import numpy as np
 
 from datastore.packing import PackedRows, pack_rows, unpack_rows
-from datastore.wire import Endpoint, WireServer
+from datastore.placement import listen_host
+from datastore.wire import DEFAULT_MAX_CONNECTIONS, Endpoint, WireServer
 
 logger = logging.getLogger(__name__)
 
@@ -28,16 +29,19 @@ class StorageUnit:
 
     WIRE_METHODS = frozenset({"put", "add_columns", "get", "delete", "num_samples"})
 
-    def __init__(self, unit_index: int, secret: bytes) -> None:
+    def __init__(
+        self, unit_index: int, secret: bytes, max_connections: int = DEFAULT_MAX_CONNECTIONS
+    ) -> None:
         self._unit_index = unit_index
         self._data: dict[str, dict[str, np.ndarray]] = {}
-        self._wire = WireServer(self, set(self.WIRE_METHODS), secret)
+        self._wire = WireServer(self, set(self.WIRE_METHODS), secret, max_connections=max_connections)
 
-    async def start_wire(self) -> Endpoint:
-        """Start serving on this node's address; returns where clients connect."""
+    async def start_wire(self, loopback: bool = False) -> Endpoint:
+        """Start serving on the loopback address (every actor on this node) or this node's address;
+        returns where clients connect."""
         import ray
 
-        return await self._wire.start(ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id())
+        return await self._wire.start(listen_host(loopback), ray.get_runtime_context().get_node_id())
 
     def node_id(self) -> str:
         """The Ray node this unit runs on (writers on that node write here)."""

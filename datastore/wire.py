@@ -15,7 +15,11 @@ their own memory, received straight into one buffer each (no extra copy). A requ
 
 Trust: the server unpickles nothing from a connection before it proves it holds the store's
 secret (HMAC-SHA256 over a fresh nonce). The secret is made per store and travels only inside
-Ray's own (authenticated) messages, in the client and the actors' constructors.
+Ray's own (authenticated) messages, in the client and the actors' constructors. A connection that
+has not proved it within ``HANDSHAKE_TIMEOUT_S`` is closed, and a server holds at most
+``max_connections`` connections (authenticated or not): one more is closed as soon as it is accepted,
+so idle strangers cannot pile up. Where the server listens is the caller's choice
+(``datastore.placement.listen_host``): the loopback address when every actor is on one node.
 """
 
 from __future__ import annotations
@@ -40,6 +44,11 @@ logger = logging.getLogger(__name__)
 _HEADER = struct.Struct("!QI")
 _NONCE_BYTES = 32
 _ACCEPTED = b"ok"
+HANDSHAKE_TIMEOUT_S = 5.0
+"""A connection that has not answered the nonce within this long is closed (no unpickling before)."""
+DEFAULT_MAX_CONNECTIONS = 1024
+"""Connections one server holds at most (``datastore.max_connections``)."""
+_REFUSAL_LOG_EVERY_S = 30.0
 
 
 class WireError(ConnectionError):
@@ -109,12 +118,27 @@ class WireServer:
     Raw non-blocking sockets on the running loop (``loop.sock_*``): bytes are received straight into
     one buffer per array and sent from the arrays' memory, with no stream-buffer copies."""
 
-    def __init__(self, target: Any, methods: set[str], secret: bytes) -> None:
+    def __init__(
+        self,
+        target: Any,
+        methods: set[str],
+        secret: bytes,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+    ) -> None:
+        assert max_connections >= 1 and handshake_timeout_s > 0
         self._target = target
         self._methods = methods
         self._secret = secret
+        self._max_connections = max_connections
+        self._handshake_timeout_s = handshake_timeout_s
         self._tasks: set[asyncio.Task] = set()
         self._listeners: list[socket.socket] = []
+        self.num_connections = 0
+        """Connections open now (authenticated or still in the handshake)."""
+        self.num_refused = 0
+        """Connections closed at once because ``max_connections`` were open."""
+        self._last_refusal_log = float("-inf")
 
     async def start(self, host: str, node_id: str) -> Endpoint:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -158,18 +182,42 @@ class WireServer:
                 logger.exception("datastore wire: accept failed; retrying")
                 await asyncio.sleep(0.1)
                 continue
+            if self.num_connections >= self._max_connections:
+                self._note_refusal()  # counted before the peer can see the close
+                conn.close()
+                continue
             conn.setblocking(False)
             if conn.family == socket.AF_INET:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.num_connections += 1
             self._spawn(self._serve(conn))
+
+    def _note_refusal(self) -> None:
+        self.num_refused += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._last_refusal_log >= _REFUSAL_LOG_EVERY_S:
+            self._last_refusal_log = now
+            logger.warning(
+                "datastore wire: %d connections open (the cap, datastore.max_connections); refused "
+                "another (%d refused so far)",
+                self._max_connections,
+                self.num_refused,
+            )
 
     async def _serve(self, conn: socket.socket) -> None:
         """One connection: authenticate, then answer requests one by one until the peer leaves."""
+        try:
+            await self._serve_authenticated(conn)
+        finally:
+            self.num_connections -= 1
+
+    async def _serve_authenticated(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         with contextlib.closing(conn), contextlib.suppress(ConnectionError, OSError, asyncio.TimeoutError):
             nonce = os.urandom(_NONCE_BYTES)
             await loop.sock_sendall(conn, nonce)
-            proof = await asyncio.wait_for(_recv_exact_async(conn, hashlib.sha256().digest_size), 30)
+            digest_size = hashlib.sha256().digest_size
+            proof = await asyncio.wait_for(_recv_exact_async(conn, digest_size), self._handshake_timeout_s)
             if not hmac.compare_digest(bytes(proof), _digest(self._secret, nonce)):
                 logger.warning("datastore wire: refused a connection that failed authentication")
                 return

@@ -12,13 +12,23 @@ item scores 0.0 'timeout'.
 Dataflow:
 - ``RewardPool.score`` (caller's thread) cuts a batch into chunks and keeps one chunk in flight per
   worker. It blocks in ``connection.wait`` on the workers' pipes, at most until the earliest worker
-  deadline, and returns when every item has a ``RewardResult``.
+  deadline (or the batch budget, or a tick that checks for ``cancel``), and returns when every item
+  has a ``RewardResult``.
 - Each worker is a fresh interpreter (``python -c``; like "spawn", since the caller has torch and
   threads and fork is unsafe) talking over a socketpair ``Connection``. It imports the reward
   function once, then for each item of a chunk: bumps a call counter in a shared memory page, arms a
   SIGALRM timer of ``timeout_s``, calls the function. A call that raises scores 0.0 'error'; one the
   timer interrupts scores 0.0 'timeout'; the worker lives on. It sends the chunk's results in one
   message (per-item messages cost ~10 ms per 256 items in wakeups and syscalls).
+- Concurrent timeouts: once a call of a batch has timed out, the function has shown it can hang, so
+  the worker runs the rest of that batch's items concurrently, each in a child forked from the
+  worker (the function is already imported; fork is safe, the worker has one thread), killed with
+  its process group at its deadline. Up to ``concurrency`` children run at once, and a new one starts
+  only while fewer than the machine's cores are busy computing (CPU time of each child's process
+  tree, read from /proc every tick): calls that sleep or wait overlap freely, calls that compute are
+  not slowed by each other into spurious timeouts. So a batch of N sleeping calls takes about twice
+  the timeout (the first, then the rest together), not N times. A child that dies is retried like a
+  worker that dies (below). The next batch starts in the cheap sequential mode again.
 - Backstop: a call the timer cannot interrupt (stuck in C code holding the GIL, or a function that
   clears the alarm) stops the worker's call counter, which the parent samples a few times per
   timeout. A worker whose counter has not moved for ``timeout_s + _HARD_KILL_GRACE_S`` is killed
@@ -29,9 +39,16 @@ Dataflow:
   'retries'), before it scores 0.0 'error': a crash can be the machine's (OOM killer), not the
   function's. Raising and timing out are the function's own verdicts and are not retried. A
   worker found dead while idle is replaced with no item blamed.
-- Shutdown: ``close()`` sends each worker None and kills any still alive after a second; a pool never
-  closed is killed by a finalizer at garbage collection or interpreter exit. A worker whose parent
-  vanished sees EOF on its pipe and exits.
+- Guards over a whole batch (``RewardPoolConfig``): a budget after which every unscored item scores
+  'timeout' and the busy workers are killed (replaced at the next batch); a warning line (at most one
+  per ``_WARN_EVERY_S``) when the share of failed items of a batch passes a threshold, and the
+  failure rate of the last ``_WINDOW_ITEMS`` items for the run's metrics; and, when asked, a
+  ``RewardFunctionBroken`` error when a batch is all errors (the run then stops naming the function).
+- Shutdown: ``cancel()`` (from another thread) makes a ``score`` in progress raise
+  ``RewardsCancelled`` within a tick, killing the busy workers; ``close()`` sends each worker None and
+  kills any still alive after a second; a pool never closed is killed by a finalizer at garbage
+  collection or interpreter exit. A worker whose parent vanished sees EOF on its pipe and exits; its
+  forked children die with it (parent-death signal).
 
 Why not ``multiprocessing`` "spawn": it re-runs the caller's ``__main__`` script in every child,
 importing torch into each worker (or crashing a script without an ``if __name__ == "__main__"`` guard).
@@ -42,28 +59,43 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import importlib
+import itertools
 import json
 import logging
 import math
 import mmap
 import multiprocessing as mp
-import numbers
-import signal
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
+
+from rollout.reward_worker import (
+    _COUNTER,
+    RewardFn,
+    RewardResult,
+    _Chunk,
+    _ChunkReply,
+    _Job,
+    _WentConcurrent,
+    resolve_reward_fn,
+)
+
+__all__ = [
+    "RewardFn",
+    "RewardFunctionBroken",
+    "RewardPool",
+    "RewardPoolConfig",
+    "RewardResult",
+    "RewardsCancelled",
+    "resolve_reward_fn",
+]
 
 logger = logging.getLogger(__name__)
-
-RewardFn = Callable[[str, str], float]
 
 _HARD_KILL_GRACE_S = 1.0
 """Silence past ``timeout_s`` after which a worker is killed: its in-worker timer had its chance."""
@@ -73,48 +105,75 @@ _CHUNKS_PER_WORKER = 4
 """A batch is cut into about this many chunks per worker, so one slow chunk does not idle the rest."""
 _SAMPLES_PER_TIMEOUT = 4
 """How often, per ``timeout_s + _HARD_KILL_GRACE_S``, a busy worker's call counter is read."""
-_COUNTER = struct.Struct("<q")
-"""Layout of the shared page: the number of calls the worker has started."""
+_CANCEL_TICK_S = 0.2
+"""Longest ``score`` blocks without looking at ``cancel`` and the batch budget."""
+_WINDOW_ITEMS = 1024
+"""The failure rate reported for metrics covers this many most recent items."""
+_WARN_EVERY_S = 30.0
+"""At most one failure-rate warning line per pool per this many seconds (the next one counts the rest)."""
+_MIN_ERRORS_TO_STOP = 64
+"""An all-error batch stops the run only after this many errors in a row, so that one prompt with a
+malformed ground truth (a group of errors) does not."""
 
 
-@dataclass(frozen=True)
-class RewardResult:
-    """The reward of one (response, answer) item."""
+@dataclass
+class RewardPoolConfig:
+    """How the reward pool keeps a slow or broken reward function from stalling or poisoning a run."""
 
-    value: float
-    """The reward function's return value as a float; 0.0 unless status is 'ok'."""
-    status: str
-    """'ok', 'error' (raised, returned a non-finite or non-number, or its worker died) or 'timeout'."""
-    error: str | None = None
-    """Why the status is not 'ok' (exception type and message); None when ok."""
+    concurrency: int = 256
+    """Most calls one reward worker runs at once after a call of the batch timed out (each in a
+    forked child; new ones start only while fewer than the machine's cores are busy computing).
+    1 = always one call at a time (a batch of N hanging calls then takes N timeouts)."""
+    batch_budget_s: float | None = None
+    """Most seconds one batch (the groups a rollout worker scores together) may spend in the reward
+    pool; items still unscored then score 0 'timeout'. None = no budget (each call still has
+    ``task.reward_timeout_s``)."""
+    warn_failure_rate: float = 0.5
+    """Log a warning when more than this share of a batch's rewards failed ('error' or 'timeout');
+    ``rollout/reward_failure_rate`` reports the share over the last 1024 items. 1.0 = never warn."""
+    stop_if_all_error: bool = True
+    """Stop the run, naming the reward function and its error, when every reward of a batch raised or
+    returned a non-number (and at least 64 in a row did): a broken reward function trains nothing."""
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"task.reward_pool.concurrency={self.concurrency}: must be >= 1")
+        if self.batch_budget_s is not None and not self.batch_budget_s > 0:
+            raise ValueError(
+                f"task.reward_pool.batch_budget_s={self.batch_budget_s}: must be > 0 seconds or null "
+                "(no budget)"
+            )
+        if not 0.0 <= self.warn_failure_rate <= 1.0:
+            raise ValueError(
+                f"task.reward_pool.warn_failure_rate={self.warn_failure_rate}: must be in [0, 1] "
+                "(a share of the batch; 1.0 never warns)"
+            )
 
 
-def resolve_reward_fn(path: str) -> RewardFn:
-    """Import "package.module:function" (the attribute may be dotted) and return the callable."""
-    module_name, sep, attr_path = path.partition(":")
-    if not sep or not module_name or not attr_path or ":" in attr_path:
-        raise ValueError(f"reward function path {path!r} is malformed; expected 'package.module:function'")
-    try:
-        target = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"reward function path {path!r}: cannot import module {module_name!r}: {e}") from e
-    for attr in attr_path.split("."):
-        if not hasattr(target, attr):
-            raise ValueError(f"reward function path {path!r}: {target!r} has no attribute {attr!r}")
-        target = getattr(target, attr)
-    if not callable(target):
-        raise ValueError(f"reward function path {path!r} names a {type(target).__name__}, not a callable")
-    return target
+class RewardFunctionBroken(RuntimeError):
+    """Every reward of a batch was an error (``RewardPoolConfig.stop_if_all_error``)."""
+
+
+class RewardsCancelled(RuntimeError):
+    """``RewardPool.cancel`` was called while ``score`` ran; the batch has no results."""
 
 
 class RewardPool:
     """Scores (response, answer) pairs with the reward function at ``fn_path`` in worker processes.
 
     Workers start on the first ``score`` call and are reused. Calls from several threads are
-    serialised by a lock.
+    serialised by a lock. ``config`` None: no budget, warnings at half the batch failing, and an
+    all-error batch is scored, not raised (a run's pool gets ``task.reward_pool``).
     """
 
-    def __init__(self, fn_path: str, num_workers: int = 1, timeout_s: float = 5.0, max_retries: int = 1):
+    def __init__(
+        self,
+        fn_path: str,
+        num_workers: int = 1,
+        timeout_s: float = 5.0,
+        max_retries: int = 1,
+        config: RewardPoolConfig | None = None,
+    ):
         if num_workers < 1:
             raise ValueError(f"num_workers={num_workers}; must be >= 1")
         if not timeout_s > 0:
@@ -126,10 +185,20 @@ class RewardPool:
         self.num_workers = num_workers
         self.timeout_s = timeout_s
         self.max_retries = max_retries
+        self.config = config or RewardPoolConfig(stop_if_all_error=False)
         self._workers: list[_Worker] = []
         """Mutated in place only: the finalizer holds this list."""
         self._lock = threading.Lock()
         self._counters = {"ok": 0, "error": 0, "timeout": 0, "worker_restarts": 0, "retries": 0}
+        self._recent: collections.deque[bool] = collections.deque(maxlen=_WINDOW_ITEMS)
+        """Per recent item: True when it failed ('error' or 'timeout')."""
+        self._errors_in_a_row = 0
+        self._warned_batches = 0
+        self._unwarned_batches = 0
+        self._last_warning = -math.inf
+        self._batches = 0
+        self._scoring = False
+        self._cancel_requested = False
         self._closed = False
         self._finalizer = weakref.finalize(self, _kill_all, self._workers)
 
@@ -139,26 +208,53 @@ class RewardPool:
         restarts, and retries (items run again because their worker died while running them)."""
         return dict(self._counters)
 
+    @property
+    def recent_failure_rate(self) -> float:
+        """Share of the last (up to 1024) items scored 'error' or 'timeout'; 0.0 before any."""
+        return sum(self._recent) / len(self._recent) if self._recent else 0.0
+
+    @property
+    def warned_batches(self) -> int:
+        """Batches whose failure share passed ``config.warn_failure_rate``."""
+        return self._warned_batches
+
     def score(self, items: list[tuple[str, str]]) -> list[RewardResult]:
-        """One result per (response, answer) item, in order."""
+        """One result per (response, answer) item, in order. Raises ``RewardFunctionBroken`` (after
+        counting the batch) when the config asks to stop on an all-error batch, ``RewardsCancelled``
+        when ``cancel`` was called meanwhile."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("RewardPool.score called after close()")
             if not items:
                 return []
+            self._cancel_requested = False
+            self._scoring = True
             try:
                 if not self._workers:
                     self._start_workers()
+                started = time.monotonic()
                 results = self._run_batch(items)
+            except RewardsCancelled:
+                raise
             except BaseException:
                 self._stop_workers()  # a worker failed to start: the next call starts afresh
                 raise
+            finally:
+                self._scoring = False
             for result in results:
                 self._counters[result.status] += 1
+            self._after_batch(results, time.monotonic() - started)
         return results
+
+    def cancel(self) -> None:
+        """Make the ``score`` call in progress (if any) raise ``RewardsCancelled`` within a tick; a
+        later ``score`` runs normally. Safe from any thread (the pool's owner is stopping)."""
+        if self._scoring:
+            self._cancel_requested = True
 
     def close(self) -> None:
         """Stop the workers (idempotent)."""
+        self.cancel()
         with self._lock:
             self._closed = True
             self._stop_workers()
@@ -169,6 +265,36 @@ class RewardPool:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def _after_batch(self, results: list[RewardResult], seconds: float) -> None:
+        """Failure window, warning line and the all-error stop (see the module docstring)."""
+        failed = [r for r in results if r.status != "ok"]
+        self._recent.extend(r.status != "ok" for r in results)
+        for result in results:
+            self._errors_in_a_row = self._errors_in_a_row + 1 if result.status == "error" else 0
+        if failed and len(failed) > self.config.warn_failure_rate * len(results):
+            self._warned_batches += 1
+            self._unwarned_batches += 1
+            now = time.monotonic()
+            if now - self._last_warning >= _WARN_EVERY_S:
+                num_errors = sum(r.status == "error" for r in failed)
+                logger.warning(
+                    "reward %s: %d of %d rewards of a batch failed (%d error, %d timeout) in %.1f s, above "
+                    "task.reward_pool.warn_failure_rate=%.2f; they score 0 (%d such batches since the "
+                    "last warning). First: %s",
+                    self.fn_path, len(failed), len(results), num_errors, len(failed) - num_errors,
+                    seconds, self.config.warn_failure_rate, self._unwarned_batches, failed[0].error,
+                )  # fmt: skip
+                self._last_warning, self._unwarned_batches = now, 0
+        all_errors = all(r.status == "error" for r in results)
+        if self.config.stop_if_all_error and all_errors and self._errors_in_a_row >= _MIN_ERRORS_TO_STOP:
+            raise RewardFunctionBroken(
+                f"reward function {self.fn_path}: all {len(results)} rewards of a batch were errors "
+                f"({self._errors_in_a_row} in a row), e.g. {results[0].error!r}. A run with such a reward "
+                "trains nothing: fix the function (check it on a few responses with "
+                "rollout.rewards.resolve_reward_fn), or set task.reward_pool.stop_if_all_error=false "
+                "to score errors 0 and go on"
+            )
+
     def _stop_workers(self) -> None:
         for worker in self._workers:
             worker.stop()
@@ -176,7 +302,7 @@ class RewardPool:
 
     def _start_workers(self) -> None:
         started = time.perf_counter()
-        self._workers.extend(_Worker(self.fn_path, self.timeout_s) for _ in range(self.num_workers))
+        self._workers.extend(self._new_worker() for _ in range(self.num_workers))
         for worker in self._workers:
             worker.wait_ready()
         logger.info(
@@ -184,31 +310,45 @@ class RewardPool:
             self.num_workers, self.fn_path, time.perf_counter() - started,
         )  # fmt: skip
 
+    def _new_worker(self) -> _Worker:
+        return _Worker(self.fn_path, self.timeout_s, self.config.concurrency, self.max_retries)
+
     def _run_batch(self, items: list[tuple[str, str]]) -> list[RewardResult]:
         results: list[RewardResult | None] = [None] * len(items)
+        self._batches += 1
         chunk_size = max(1, math.ceil(len(items) / (self.num_workers * _CHUNKS_PER_WORKER)))
         pending = collections.deque(
             [_Job(i, *items[i]) for i in range(start, min(start + chunk_size, len(items)))]
             for start in range(0, len(items), chunk_size)
         )
+        chunk_ids = itertools.count()
+        budget = self.config.batch_budget_s
+        budget_deadline = time.monotonic() + budget if budget is not None else math.inf
         while True:
             for worker in list(self._workers):
                 if not worker.in_flight and pending:
                     if worker.process.poll() is not None:  # died while idle: no item to blame
                         worker = self._restart_worker(worker, f"exited with code {worker.process.returncode}")
-                    worker.send(pending.popleft())
+                    worker.send(_Chunk(self._batches, next(chunk_ids), pending.popleft()))
+            # A worker that went concurrent runs the rest of the batch at once: deal it out.
+            concurrent = [w for w in self._workers if w.concurrent_batch == self._batches]
+            for i in range(len(pending) if concurrent else 0):
+                concurrent[i % len(concurrent)].send(
+                    _Chunk(self._batches, next(chunk_ids), pending.popleft())
+                )
             busy = [w for w in self._workers if w.in_flight]
             if not busy:
                 break
-            wait([w.conn for w in busy], timeout=max(0.0, min(w.deadline for w in busy) - time.monotonic()))
+            next_event = min(budget_deadline, time.monotonic() + _CANCEL_TICK_S, *(w.deadline for w in busy))
+            wait([w.conn for w in busy], timeout=max(0.0, next_event - time.monotonic()))
             for worker in busy:
                 # Collect before checking the deadline, so a result that just arrived is not timed out.
-                failure = worker.collect(results)
+                failure = worker.collect(results, self._counters)
                 if failure is None and worker.in_flight and worker.is_stuck():
                     failure = RewardResult(0.0, "timeout", f"no progress in {self.timeout_s}s; worker killed")
                 if failure is not None:
                     # Blame the item it was running (or retry it, if its worker crashed); requeue the
-                    # rest of its chunk (finished items included: their results died with the worker).
+                    # rest of its chunks (finished items included: their results died with the worker).
                     current = worker.current_job()
                     rest = [job for job in worker.in_flight if job is not current]
                     if failure.status == "error" and current.attempt < self.max_retries:
@@ -219,13 +359,36 @@ class RewardPool:
                     if rest:
                         pending.appendleft(rest)
                     self._restart_worker(worker, f"{failure.error} on batch item {current.index}")
+            if self._cancel_requested:
+                self._abort_busy_workers()
+                raise RewardsCancelled(f"reward pool {self.fn_path}: cancelled while scoring a batch")
+            if time.monotonic() >= budget_deadline:
+                self._abort_busy_workers()
+                why = f"the batch's reward budget of {budget}s (task.reward_pool.batch_budget_s) ran out"
+                out_of_budget = RewardResult(0.0, "timeout", why)
+                num_cut = 0
+                for i, result in enumerate(results):
+                    if result is None:
+                        results[i], num_cut = out_of_budget, num_cut + 1
+                logger.warning(
+                    "reward %s: batch budget of %.1f s ran out; %d of %d items scored 'timeout'",
+                    self.fn_path, budget, num_cut, len(items),
+                )  # fmt: skip
+                break
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
+
+    def _abort_busy_workers(self) -> None:
+        """Kill the workers with a chunk in flight; the next batch replaces them (no item blamed)."""
+        for worker in self._workers:
+            if worker.in_flight:
+                worker.stop(kill=True)
+                worker.chunks.clear()
 
     def _restart_worker(self, worker: _Worker, reason: str) -> _Worker:
         logger.warning("reward worker pid %s: %s; restarting it", worker.process.pid, reason)
         worker.stop(kill=True)
-        replacement = _Worker(self.fn_path, self.timeout_s)
+        replacement = self._new_worker()
         self._workers[self._workers.index(worker)] = replacement
         replacement.wait_ready()
         self._counters["worker_restarts"] += 1
@@ -235,10 +398,12 @@ class RewardPool:
 class _Worker:
     """Parent-side handle of one worker process and the chunk it is working on."""
 
-    def __init__(self, fn_path: str, timeout_s: float):
+    def __init__(self, fn_path: str, timeout_s: float, concurrency: int, max_retries: int):
         self.timeout_s = timeout_s
-        self.in_flight: list[_Job] = []
-        """The chunk sent and not yet answered, in the order the worker runs it."""
+        self.chunks: dict[int, list[_Job]] = {}
+        """Chunks sent and not yet answered (several only once the worker went concurrent)."""
+        self.concurrent_batch = -1
+        """The batch in which the worker said it runs calls concurrently (it then takes more chunks)."""
         self.deadline = math.inf
         """When to read the call counter next (while a chunk is in flight)."""
         self._stuck_after_s = timeout_s + _HARD_KILL_GRACE_S
@@ -246,16 +411,23 @@ class _Worker:
         self._counter_seen = 0
         self._last_progress = 0.0
         """monotonic time at which the counter was first seen at its current value."""
+        self._stopped = False
         with tempfile.TemporaryFile() as page_file:  # the mapping outlives the file object
             page_file.truncate(mmap.PAGESIZE)
             self._page = mmap.mmap(page_file.fileno(), mmap.PAGESIZE)
             self.conn, child_conn = mp.Pipe(duplex=True)  # a socketpair on POSIX
             fds = (child_conn.fileno(), page_file.fileno())
-            argv = [json.dumps(sys.path), *map(str, fds), fn_path, repr(timeout_s)]
+            argv = [json.dumps(sys.path), *map(str, fds), fn_path, repr(timeout_s), str(concurrency)]
+            argv.append(str(max_retries))
             self.process = subprocess.Popen(
                 [sys.executable, "-c", _WORKER_BOOTSTRAP, *argv], pass_fds=fds, stdin=subprocess.DEVNULL
             )
             child_conn.close()
+
+    @property
+    def in_flight(self) -> list[_Job]:
+        """Jobs sent and not yet answered, in the order the worker starts them."""
+        return [job for jobs in self.chunks.values() for job in jobs]
 
     def wait_ready(self) -> None:
         if not self.conn.poll(_START_TIMEOUT_S):
@@ -269,32 +441,36 @@ class _Worker:
             self.stop(kill=True)
             raise RuntimeError(f"reward worker failed to start: {message}")
 
-    def send(self, jobs: list[_Job]) -> None:
-        # Read the counter before sending: a fast worker may start the first call before send returns.
-        self._counter_at_send = self._counter_seen = self._calls_started()
-        self.in_flight = jobs
+    def send(self, chunk: _Chunk) -> None:
+        if not self.chunks:
+            # Read the counter before sending: a fast worker may start the first call before send returns.
+            self._counter_at_send = self._counter_seen = self._calls_started()
+            self._last_progress = time.monotonic()
+            self.deadline = self._last_progress + self._stuck_after_s / _SAMPLES_PER_TIMEOUT
+        self.chunks[chunk.chunk_id] = chunk.jobs
         # A worker that dies just now fails the send; collect() then sees EOF and the pool replaces it.
         with contextlib.suppress(OSError):
-            self.conn.send(jobs)
-        self._last_progress = time.monotonic()
-        self.deadline = self._last_progress + self._stuck_after_s / _SAMPLES_PER_TIMEOUT
+            self.conn.send(chunk)
 
-    def collect(self, results: list[RewardResult | None]) -> RewardResult | None:
-        """Store the chunk's results if they arrived; a failure result if the worker died."""
+    def collect(self, results: list[RewardResult | None], counters: dict[str, int]) -> RewardResult | None:
+        """Store the results of every chunk answered so far; a failure result if the worker died."""
         try:
-            if not self.conn.poll():
-                return None
-            chunk_results: list[RewardResult] = self.conn.recv()
+            while self.chunks and self.conn.poll():
+                message: _ChunkReply | _WentConcurrent = self.conn.recv()
+                if isinstance(message, _WentConcurrent):
+                    self.concurrent_batch = message.batch
+                    continue
+                for job, result in zip(self.chunks.pop(message.chunk_id), message.results, strict=True):
+                    results[job.index] = result
+                counters["retries"] += message.num_retries
         except (EOFError, OSError):
             try:
                 exit_code = self.process.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
                 exit_code = None
             return RewardResult(0.0, "error", f"reward worker died (exit code {exit_code})")
-        for job, result in zip(self.in_flight, chunk_results, strict=True):
-            results[job.index] = result
-        self.in_flight = []
-        self.deadline = math.inf
+        if not self.chunks:
+            self.deadline = math.inf
         return None
 
     def is_stuck(self) -> bool:
@@ -310,11 +486,15 @@ class _Worker:
 
     def current_job(self) -> _Job:
         """The item the worker was running (the first of the chunk if it had not started one)."""
+        in_flight = self.in_flight
         num_started = self._calls_started() - self._counter_at_send
-        return self.in_flight[max(0, min(num_started, len(self.in_flight)) - 1)]
+        return in_flight[max(0, min(num_started, len(in_flight)) - 1)]
 
     def stop(self, kill: bool = False) -> None:
         """Ask the worker to exit (kill=False) and kill it if still alive after a second."""
+        if self._stopped:
+            return
+        self._stopped = True
         if not kill:
             with contextlib.suppress(OSError, ValueError, subprocess.TimeoutExpired):
                 self.conn.send(None)
@@ -335,84 +515,11 @@ def _kill_all(workers: list[_Worker]) -> None:
             worker.process.kill()
 
 
-@dataclass(frozen=True)
-class _Job:
-    """Parent -> worker: one item to score; ``index`` is its position in the batch."""
-
-    index: int
-    response: str
-    answer: str
-    attempt: int = 0
-    """How many times this item was already retried after its worker died."""
-
-
-class _CallTimeout(BaseException):
-    """Raised by the SIGALRM handler inside a reward call (a BaseException, so that a reward
-    function's `except Exception` does not swallow it)."""
-
-
 _WORKER_BOOTSTRAP = """\
 import json, sys
 sys.path[:] = json.loads(sys.argv[1])
-from rollout.rewards import _worker_main
-_worker_main(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], float(sys.argv[5]))
+from rollout.reward_worker import _worker_main
+a = sys.argv
+_worker_main(int(a[2]), int(a[3]), a[4], float(a[5]), int(a[6]), int(a[7]))
 """
 """Worker entry: the caller's sys.path (the reward module imports as in the caller), then the loop."""
-
-
-def _worker_main(conn_fd: int, page_fd: int, fn_path: str, timeout_s: float) -> None:
-    """Worker process loop: import the function, then score each received chunk until None or EOF."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    conn = Connection(conn_fd)
-    page = mmap.mmap(page_fd, mmap.PAGESIZE)
-    try:
-        fn = resolve_reward_fn(fn_path)
-    except Exception as e:
-        conn.send(f"{type(e).__name__}: {e}")
-        return
-    in_call = False
-
-    def on_alarm(signum: int, frame: object) -> None:
-        if in_call:  # a signal delivered late, after the call returned, is ignored
-            raise _CallTimeout
-
-    use_alarm = hasattr(signal, "setitimer")
-    if use_alarm:
-        signal.signal(signal.SIGALRM, on_alarm)
-    calls_started = 0
-    conn.send("ready")
-    while True:
-        try:
-            jobs: list[_Job] | None = conn.recv()
-        except EOFError:
-            return
-        if jobs is None:
-            return
-        chunk_results = []
-        for job in jobs:
-            calls_started += 1
-            _COUNTER.pack_into(page, 0, calls_started)
-            try:
-                in_call = True
-                if use_alarm:
-                    signal.setitimer(signal.ITIMER_REAL, timeout_s)
-                try:
-                    value = fn(job.response, job.answer)
-                finally:
-                    if use_alarm:
-                        signal.setitimer(signal.ITIMER_REAL, 0)
-                    in_call = False
-                result = _checked(value)
-            except _CallTimeout:
-                result = RewardResult(0.0, "timeout", f"call exceeded {timeout_s}s")
-            except Exception as e:
-                result = RewardResult(0.0, "error", f"{type(e).__name__}: {e}"[:500])
-            chunk_results.append(result)
-        conn.send(chunk_results)
-
-
-def _checked(value: object) -> RewardResult:
-    """'ok' for a finite real number, else 'error' naming the offending value."""
-    if isinstance(value, numbers.Real) and math.isfinite(float(value)):
-        return RewardResult(float(value), "ok")
-    return RewardResult(0.0, "error", f"reward function returned {value!r:.100}, expected a finite number")

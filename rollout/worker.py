@@ -49,7 +49,7 @@ import torch
 from areal_like.core.types import PromptGroup, PromptRecord
 from rollout.config import RolloutConfig
 from rollout.engine import ColocatedEngine, RequestHandle, SamplingParams, make_engine
-from rollout.rewards import RewardPool
+from rollout.rewards import RewardPool, RewardPoolConfig, RewardsCancelled
 from rollout.samples import ForcedLengths, build_group_writes, forced_length, rewards_all_equal
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,10 @@ class WorkerHealth:
     interrupted_samples: int = 0
     """Samples whose tokens span more than one policy version (a weight swap hit them mid-request)."""
     reward_retries: int = 0
+    reward_failure_rate: float = 0.0
+    """Share of this worker's last (up to 1024) rewards that failed ('error' or 'timeout')."""
+    reward_warned_batches: int = 0
+    """Scored batches whose failure share passed ``task.reward_pool.warn_failure_rate``."""
     in_flight_group_ids: list[int] = field(default_factory=list)
     """Groups this worker holds right now (acquired, not yet finished or abandoned)."""
     running_requests: int = 0
@@ -126,6 +130,7 @@ class RolloutWorker:
         seed: int,
         version: int,
         forced_lengths: ForcedLengths | None = None,
+        reward_pool: RewardPoolConfig | None = None,
     ) -> None:
         """``forced_lengths``: benchmarks only (eos ignored, lognormal lengths); None in training."""
         from areal_like.core.models import load_tokenizer
@@ -140,7 +145,9 @@ class RolloutWorker:
         self.engine = make_engine(
             config.engine_config(model_path, seed), engine_id=worker_id, version=version
         )
-        self.rewards = RewardPool(reward_fn_path, num_workers=reward_workers, timeout_s=reward_timeout_s)
+        self.rewards = RewardPool(
+            reward_fn_path, num_workers=reward_workers, timeout_s=reward_timeout_s, config=reward_pool
+        )
         eos = self.tokenizer.eos_token_id
         self.params = SamplingParams(
             max_new_tokens=config.max_new_tokens,
@@ -170,6 +177,7 @@ class RolloutWorker:
     def stop(self, timeout_s: float = 60.0) -> bool:
         """Stop the loop (its unfinished groups go back to the dispatcher); True when it has exited."""
         self._stop.set()
+        self.rewards.cancel()  # a batch being scored is handed back, not waited for
         if self._thread is not None:
             self._thread.join(timeout_s)
             return not self._thread.is_alive()
@@ -186,6 +194,8 @@ class RolloutWorker:
                     self._score_and_put(ready)
             if self._retired is None:  # stopped: hand unfinished groups back (requeued on resume)
                 self._hand_back("stopped")
+        except RewardsCancelled:  # stop() during scoring
+            self._hand_back("stopped")
         except Exception:
             self._error = traceback.format_exc()
             logger.error("rollout worker %d failed:\n%s", self.worker_id, self._error)
@@ -440,6 +450,8 @@ class RolloutWorker:
             finish_reasons=dict(self._finish_reasons),
             interrupted_samples=c["interrupted"],
             reward_retries=rewards.get("retries", 0),
+            reward_failure_rate=self.rewards.recent_failure_rate,
+            reward_warned_batches=self.rewards.warned_batches,
             in_flight_group_ids=in_flight,
             running_requests=load.running_requests,
             waiting_requests=load.waiting_requests,

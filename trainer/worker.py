@@ -328,8 +328,10 @@ class TrainerRank:
         if cfg.logp_mismatch_warn is None and cfg.logp_mismatch_stop is None:
             return
         local = [sums["fresh_diff"], sums["fresh_tokens"], sums["first_tokens"]]
-        totals = self._all_reduce(local, dist.ReduceOp.SUM)
-        check_logp_mismatch(cfg, *totals, version=self.policy_version, log=self.rank == 0)
+        diff_sum, fresh_tokens, loss_tokens = self._all_reduce(local, dist.ReduceOp.SUM)
+        check_logp_mismatch(
+            cfg, diff_sum, fresh_tokens, loss_tokens, version=self.policy_version, log=self.rank == 0
+        )
 
     def _backward_micro(
         self, micro: MicroBatch, layout: ResponseLayout, tensors: dict, sums, maxes, first: bool = False

@@ -9,8 +9,12 @@ The ground truth ``answer`` of a prompt is a JSON object, one of:
 Optional keys: ``"cpu_time_s"``, ``"wall_time_s"``, ``"memory_mb"`` per test (``SandboxLimits``).
 The program is the last fenced code block of the response (```python ... ```), or the whole
 response when it has none. Reward: the fraction of tests passed (asserts count as one test).
-Untrusted code never runs in this process: each test is one ``run_python`` child with CPU, memory
-and wall-clock limits and no network. Budget ``task.reward_timeout_s`` for tests x wall_time_s.
+Untrusted code never runs in this process: each test is one ``run_python`` child under bubblewrap
+(namespaces, a read-only file system, an unprivileged uid, a process limit; ``task.sandbox=weak``
+for limits and audit hooks only) with CPU, memory and wall-clock limits and no network. Budget
+``task.reward_timeout_s`` for tests x wall_time_s. Without bubblewrap (and no opt-in) every call
+raises ``SandboxUnavailable``: the reward pool counts errors, and the run's preflight refuses to
+start first.
 """
 
 from __future__ import annotations

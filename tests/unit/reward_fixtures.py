@@ -69,3 +69,32 @@ def const_or_varied(response: str, answer: str) -> float:
 def response_length(response: str, answer: str) -> float:
     """A reward that varies on any policy (random models included), so every step has a gradient."""
     return float(len(response))
+
+
+def sleep_unless_fast(response: str, answer: str) -> float:
+    """Sleeps 30 s unless the response is 'fast' (a reward that hangs on most inputs)."""
+    if response != "fast":
+        time.sleep(30)
+    return 1.0
+
+
+def sleep_spin_or_die(response: str, answer: str) -> float:
+    """'slow': sleeps 30 s; 'die': kills its process; 'spin': computes for SECONDS of CPU time (answer
+    'SECONDS:DIR') and writes its wall-clock start and end into a file of DIR."""
+    if response == "slow":
+        time.sleep(30)
+    if response == "die":
+        os._exit(3)
+    if response == "spin":
+        seconds, log_dir = answer.split(":", 1)
+        started, end = time.time(), time.process_time() + float(seconds)
+        while time.process_time() < end:
+            pass
+        with open(os.path.join(log_dir, f"{os.getpid()}-{started}"), "w") as f:
+            f.write(f"{started} {time.time()}")
+    return 1.0
+
+
+def always_raise(response: str, answer: str) -> float:
+    """A broken reward function: every call raises."""
+    raise KeyError(f"no field {answer!r}")
