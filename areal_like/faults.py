@@ -94,7 +94,7 @@ def _singletons(controller: RLController) -> list[tuple[str, object, str]]:
     found = []
     dispatcher = getattr(controller, "dispatcher", None)
     if dispatcher is not None:
-        found.append(("PromptDispatcher", dispatcher, "num_in_flight"))
+        found.append(("PromptDispatcher", dispatcher, "gate_state"))
     store = getattr(controller, "store", None)
     handles = getattr(store, "_handles", None)
     if handles is not None:

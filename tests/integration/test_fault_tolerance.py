@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def descendants(pid: int) -> list[tuple[int, str]]:
     """(pid, command line) of every process below ``pid`` (the run's own Ray workers only)."""
-    rows = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    rows = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
     children: dict[int, list[tuple[int, str]]] = {}
     for row in rows.splitlines():
         parts = row.split(None, 2)

@@ -90,8 +90,10 @@ def kill_actor(proc: subprocess.Popen, actor_class: str) -> None:
 )
 def test_a_killed_singleton_actor_stops_the_run_naming_it_and_the_run_resumes(tmp_path, actor_class, lost):
     run_dir = tmp_path / "run"
-    cmd = cli_train(*TINY, *QUIET, f"run.dir={run_dir}", "train.max_steps=5", "run.checkpoint_every=1")
-    with running(cmd) as proc:
+    args = [*TINY, *QUIET, f"run.dir={run_dir}", "run.checkpoint_every=1"]
+    # Far more steps than it gets to: a tiny step takes ~0.1 s, and a run that finishes before the
+    # kill would leave no actor to kill.
+    with running(cli_train(*args, "train.max_steps=10000")) as proc:
         wait_for_steps(proc, run_dir, 2)
         kill_actor(proc, actor_class)
         output, _ = proc.communicate(timeout=300)
@@ -101,9 +103,11 @@ def test_a_killed_singleton_actor_stops_the_run_naming_it_and_the_run_resumes(tm
     assert f"the {actor_class} actor died" in error and lost in error, error
     assert "resume from it with: areal-like train --config configs/quickstart.yaml" in error, error
     if actor_class == "PromptDispatcher":  # the resume itself (the same for either actor)
-        resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        last = max(r["step"] for r in read_jsonl(run_dir / "metrics.jsonl"))
+        resume = cli_train(*args, f"train.max_steps={last + 2}")
+        resumed = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-        assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+        assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, last + 3))
 
 
 def alive(pid: int) -> bool:

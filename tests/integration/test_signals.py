@@ -12,13 +12,23 @@ import time
 import pytest
 
 from tests.integration.test_e2e import ROOT, TINY, cli_train, read_jsonl
+from tests.integration.test_fault_tolerance import descendants
 
 pytestmark = pytest.mark.slow
 
 
-def raylet_count() -> int:
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return sum(1 for line in out.splitlines() if "/raylet" in line.split(" ")[0])
+def run_raylets(pid: int) -> set[int]:
+    """The raylets of the Ray instance this run started (its descendants; other Ray instances on the
+    machine, e.g. another test session's, are not counted)."""
+    return {p for p, args in descendants(pid) if "/raylet" in args.split(" ")[0]}
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"  # a zombie is gone, waiting to be reaped
+    except FileNotFoundError:
+        return False
 
 
 def train_command(run_dir, max_steps):
@@ -34,7 +44,6 @@ def train_command(run_dir, max_steps):
 
 def test_sigterm_checkpoints_and_the_run_resumes_without_gaps(tmp_path):
     run_dir = tmp_path / "run"
-    raylets_before = raylet_count()
     proc = subprocess.Popen(
         train_command(run_dir, 500), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -45,6 +54,8 @@ def test_sigterm_checkpoints_and_the_run_resumes_without_gaps(tmp_path):
             break
         time.sleep(0.5)
     assert proc.poll() is None, proc.stdout.read()
+    raylets = run_raylets(proc.pid)
+    assert raylets, "the run started no Ray instance of its own"
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode == 128 + signal.SIGTERM, output
@@ -55,8 +66,10 @@ def test_sigterm_checkpoints_and_the_run_resumes_without_gaps(tmp_path):
     assert steps == list(range(1, last + 1))
     assert (run_dir / "checkpoints" / f"step_{last:06d}").is_dir()  # saved on the signal, not on schedule
     assert json.loads((run_dir / "summary.json").read_text())["stopped_by"] == "SIGTERM"
-    time.sleep(2)
-    assert raylet_count() == raylets_before  # the run's Ray instance is gone, no orphans
+    deadline = time.time() + 10
+    while time.time() < deadline and any(alive(p) for p in raylets):
+        time.sleep(0.2)
+    assert not [p for p in raylets if alive(p)]  # the run's Ray instance is gone, no orphans
 
     resumed = subprocess.run(
         train_command(run_dir, last + 2), cwd=ROOT, capture_output=True, text=True, timeout=300
