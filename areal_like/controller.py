@@ -45,6 +45,7 @@ from areal_like.metrics import (
     truncate_after_step,
 )
 from areal_like.prompts import PromptSets, load_prompt_records, tokenize_prompts
+from areal_like.run_lock import RunLock
 from areal_like.staleness import min_allowed_version
 from areal_like.step_metrics import step_metrics
 from areal_like.stop import StopRequest
@@ -135,7 +136,7 @@ class RLController:
 
     # ---- steps -------------------------------------------------------------------------------------
     def prepare_run_dir(self) -> None:
-        os.makedirs(self.run_dir, exist_ok=True)
+        self.run_lock = RunLock.acquire(self.run_dir)  # before anything is written into it
         with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(self.config))
         logger.info("run directory: %s", self.run_dir)
@@ -459,6 +460,8 @@ class RLController:
             ray.kill(self.dispatcher)
         if getattr(self, "_owns_ray", False):
             ray.shutdown()
+        if getattr(self, "run_lock", None) is not None:
+            self.run_lock.release()
 
     # ---- builders ------------------------------------------------------------------------------
     @property

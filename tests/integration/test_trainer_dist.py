@@ -112,9 +112,7 @@ def _weights(trainer) -> dict[str, np.ndarray]:
     import deepspeed
 
     out = {}
-    engines = [("policy.", trainer.deepspeed_engine)] + (
-        [("critic.", trainer.critic.engine)] if trainer.critic else []
-    )
+    engines = [("policy.", trainer.engine)] + ([("critic.", trainer.critic.engine)] if trainer.critic else [])
     for prefix, engine in engines:
         params = list(engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=trainer.config.zero_stage == 3):

@@ -25,11 +25,10 @@ def _free_port() -> int:
 def _weights(trainer) -> dict[str, np.ndarray]:
     import deepspeed
 
-    params = list(trainer.deepspeed_engine.module.parameters())
+    params = list(trainer.engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=trainer.config.zero_stage == 3):
         return {
-            k: v.detach().float().cpu().numpy().copy()
-            for k, v in trainer.deepspeed_engine.module.state_dict().items()
+            k: v.detach().float().cpu().numpy().copy() for k, v in trainer.engine.module.state_dict().items()
         }
 
 
@@ -57,7 +56,7 @@ def test_bf16_zero2_and_zero3_train_ppo_with_reference_on_gpu(tmp_path):
             warmup_steps=1,
         )
         trainer = TrainerRank(cfg, 0, 1, "127.0.0.1", port, model_dir, 64, 1.0, 0, 30)
-        assert trainer.deepspeed_engine.bfloat16_enabled() and trainer.device.type == "cuda"
+        assert trainer.engine.bfloat16_enabled() and trainer.device.type == "cuda"
         before = _weights(trainer)
         step_stats = [trainer.train_step(store, metas) for _ in range(3)]
         after = _weights(trainer)
