@@ -34,6 +34,7 @@ import ray
 
 from areal_like import checkpoint as ckpt
 from areal_like import launch, placement
+from areal_like.checkpoint_manifest import write_manifest
 from areal_like.config import Config, to_yaml
 from areal_like.dispatch import PromptDispatcher
 from areal_like.metrics import (
@@ -137,6 +138,11 @@ class RLController:
     # ---- steps -------------------------------------------------------------------------------------
     def prepare_run_dir(self) -> None:
         self.run_lock = RunLock.acquire(self.run_dir)  # before anything is written into it
+        try:
+            self.resume_point = ckpt.prepare(self.run_dir, self.config.run.resume)
+        except BaseException:
+            self.run_lock.release()
+            raise
         with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(self.config))
         logger.info("run directory: %s", self.run_dir)
@@ -173,8 +179,7 @@ class RLController:
         self.trainer_opts = placement.trainer_options(cfg.placement, cfg.train.num_ranks)
         self.trainers = launch.make_trainers(cfg, self.model_path, self.trainer_opts)
         # A resumed run samples from a fresh stream: the seed moves with the checkpoint's step.
-        latest = ckpt.latest_checkpoint(self.run_dir) if cfg.run.resume else None
-        resume_step = ckpt.read_state(latest).step if latest else 0
+        resume_step = self.resume_point.step if self.resume_point else 0
 
         incarnations = itertools.count()
 
@@ -219,11 +224,9 @@ class RLController:
         )
 
     def maybe_resume(self) -> str | None:
-        if not self.config.run.resume:
+        if self.resume_point is None:
             return None
-        path = ckpt.latest_checkpoint(self.run_dir)
-        if path is None:
-            return None
+        path = self.resume_point.path
         state = ckpt.read_state(path)
         self._wait(
             [t.load_checkpoint.remote(os.path.join(path, "trainer")) for t in self.trainers],
@@ -243,7 +246,7 @@ class RLController:
             len(buffered),
             f", {dropped} metric lines after it dropped" if dropped else "",
         )
-        print(f"resuming from {path} at step {self.step}", flush=True)
+        print(self.resume_point.describe(), flush=True)
         return path
 
     def start_rollouts(self) -> None:
@@ -350,6 +353,7 @@ class RLController:
                 self.step, self.version, dispatcher_state, ckpt.capture_rng(), num_buffered, self.model_path
             ),
         )
+        write_manifest(staged)
         final = ckpt.commit(self.run_dir, staged, self.step, self.config.run.keep_checkpoints)
         logger.info("checkpoint %s (%d buffered samples)", final, num_buffered)
         return time.perf_counter() - start
