@@ -169,8 +169,8 @@ def remove_leftovers(run_dir: str) -> list[str]:
         if not name.endswith(".tmp"):
             continue
         path = os.path.join(root, name)
-        size = sum(os.path.getsize(os.path.join(p, f)) for p, _, files in os.walk(path) for f in files)
         if os.path.isdir(path):
+            size = directory_bytes(path)
             shutil.rmtree(path)
         else:
             size = os.path.getsize(path)
@@ -227,7 +227,41 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return None if point is None else point.path
 
 
+def free_bytes(directory: str) -> int:
+    while not os.path.exists(directory):
+        directory = os.path.dirname(directory)
+    return shutil.disk_usage(directory).free
+
+
+def directory_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(p, f)) for p, _, files in os.walk(path) for f in files)
+
+
+def newest_checkpoint_bytes(run_dir: str) -> tuple[int, int] | None:
+    """(step, bytes) of the newest committed checkpoint: what the next save will need again."""
+    steps = committed_steps(run_dir)
+    if not steps:
+        return None
+    return steps[-1], directory_bytes(step_dir(run_dir, steps[-1]))
+
+
+def check_space_at_start(run_dir: str) -> None:
+    """Warn when the disk cannot hold another checkpoint like the newest one (the save fails then)."""
+    previous = newest_checkpoint_bytes(run_dir)
+    if previous is not None and free_bytes(run_dir) < previous[1]:
+        logger.warning(
+            "only %s free under %s; the next checkpoint needs about %s (the size of step %d): "
+            "the first save will fail unless space is freed",
+            human_bytes(free_bytes(run_dir)),
+            run_dir,
+            human_bytes(previous[1]),
+            previous[0],
+        )
+
+
 def prepare(run_dir: str, resume: bool) -> ResumePoint | None:
-    """At run start, under the run lock: clear interrupted saves, pick the checkpoint to resume."""
+    """At run start, under the run lock: clear interrupted saves, warn when the disk is too full
+    for the next save, pick the checkpoint to resume from."""
     remove_leftovers(run_dir)
+    check_space_at_start(run_dir)
     return find_resume_point(run_dir) if resume else None

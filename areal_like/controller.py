@@ -34,7 +34,7 @@ import ray
 
 from areal_like import checkpoint as ckpt
 from areal_like import launch, placement
-from areal_like.checkpoint_manifest import write_manifest
+from areal_like.checkpoint_saver import CheckpointSaver
 from areal_like.config import Config, to_yaml
 from areal_like.dispatch import PromptDispatcher
 from areal_like.metrics import (
@@ -213,6 +213,9 @@ class RLController:
         )
         self._wait([t.ping.remote() for t in self.trainers], "trainer", "start")
         self.weights = WeightSync(cfg, self.model_path, self.trainers, self.rollout, self._wait)
+        self.saver = CheckpointSaver(
+            self.run_dir, cfg.run, self.trainers, self.store, self.dispatcher, TRAIN_TASK, self._wait
+        )
         print(
             placement.placement_report({"trainer": self.trainers, "rollout worker": self.workers}), flush=True
         )
@@ -336,27 +339,12 @@ class RLController:
         last = self.step == self.config.train.max_steps
         if not (force or last or (every and self.step % every == 0)):
             return 0.0
-        start = time.perf_counter()
-        staged = ckpt.staging_dir(self.run_dir, self.step)
-        # Dispatcher first, datastore second: a group that finishes in between is either in the
-        # snapshot (then not requeued) or still listed in flight (then requeued); never lost.
-        dispatcher_state = ray.get(self.dispatcher.state.remote())
-        num_buffered = self.store.snapshot(os.path.join(staged, "datastore.pkl"), TRAIN_TASK)
-        self._wait(
-            [t.save_checkpoint.remote(os.path.join(staged, "trainer")) for t in self.trainers],
-            "trainer",
-            "save",
+        return self.saver.save(self.step, self._run_state)
+
+    def _run_state(self, dispatcher_state, num_buffered: int) -> ckpt.RunState:
+        return ckpt.RunState(
+            self.step, self.version, dispatcher_state, ckpt.capture_rng(), num_buffered, self.model_path
         )
-        ckpt.write_state(
-            staged,
-            ckpt.RunState(
-                self.step, self.version, dispatcher_state, ckpt.capture_rng(), num_buffered, self.model_path
-            ),
-        )
-        write_manifest(staged)
-        final = ckpt.commit(self.run_dir, staged, self.step, self.config.run.keep_checkpoints)
-        logger.info("checkpoint %s (%d buffered samples)", final, num_buffered)
-        return time.perf_counter() - start
 
     def log_step(self, batch, stats: list[TrainStats], wait_s, train_s, sync_s, save_s) -> None:
         trained_version = self.version - 1

@@ -5,13 +5,14 @@ survive a resume, a run resumes on another trainer layout, and asynchronous save
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
 from areal_like import checkpoint as ckpt
 from areal_like.checkpoint_manifest import verify
 from areal_like.controller import run_training
-from tests.integration.test_e2e import read_jsonl, tiny_config
+from tests.integration.test_e2e import ROOT, TINY, read_jsonl, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -37,3 +38,55 @@ def test_a_truncated_model_file_resumes_from_the_previous_checkpoint(tmp_path, c
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]  # each once
     assert ckpt.committed_steps(str(run_dir)) == [1, 2, 3]
     assert verify(ckpt.step_dir(str(run_dir), 2)) is None  # saved again, intact
+
+
+FULL_DISK_SCENARIO = r"""
+set -u
+mount -t tmpfs -o size=32m tmpfs "$MNT"
+train() { python -m areal_like.cli train --config configs/quickstart.yaml $TINY run.dir="$MNT/run" \
+    run.checkpoint_every=1 run.keep_checkpoints=1 eval.enabled=false run.plot=false "$@"; }
+train train.max_steps=2 > "$OUT/run1.log" 2>&1; echo $? > "$OUT/run1.rc"
+ckpt=$(du -sb "$MNT/run/checkpoints/step_000002" | cut -f1)
+free=$(df --output=avail -B1 "$MNT" | tail -1)
+head -c $((free - ckpt / 3)) /dev/zero > "$MNT/filler"  # room for a third of a checkpoint
+train train.max_steps=3 > "$OUT/run2.log" 2>&1; echo $? > "$OUT/run2.rc"
+ls "$MNT/run/checkpoints" > "$OUT/run2.ls"
+rm "$MNT/filler"
+train train.max_steps=3 > "$OUT/run3.log" 2>&1; echo $? > "$OUT/run3.rc"
+ls "$MNT/run/checkpoints" > "$OUT/run3.ls"
+cp "$MNT/run/metrics.jsonl" "$OUT/"
+"""
+
+
+def _can_mount_tmpfs() -> bool:
+    probe = "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d && umount $d && rmdir $d"
+    try:
+        return subprocess.run(["unshare", "-rm", "sh", "-c", probe], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare -rm (user + mount namespaces) for a tmpfs")
+def test_a_save_into_a_full_filesystem_stops_with_the_message_and_the_next_start_works(tmp_path):
+    mnt, out = tmp_path / "mnt", tmp_path / "out"
+    mnt.mkdir()
+    out.mkdir()
+    env = {**os.environ, "MNT": str(mnt), "OUT": str(out), "TINY": " ".join(TINY)}
+    subprocess.run(
+        ["unshare", "-rm", "bash", "-c", FULL_DISK_SCENARIO], cwd=ROOT, env=env, timeout=900, check=True
+    )
+    logs = {n: (out / f"run{n}.log").read_text() for n in (1, 2, 3)}
+    assert (out / "run1.rc").read_text().strip() == "0", logs[1]
+    # The save of step 3 hit the full disk: a clear message, exit 1, step 2 intact, no .tmp left.
+    assert (out / "run2.rc").read_text().strip() == "1", logs[2]
+    assert "the first save will fail unless space is freed" in logs[2]
+    message = next(line for line in logs[2].splitlines() if line.startswith("error: No space left on device"))
+    assert "checkpoint of step 3 into " in message and "step_000003.tmp needs about " in message
+    assert "(the size of step 2)" in message and "the previous checkpoint, step 2, is intact" in message
+    assert "Traceback" not in logs[2]
+    assert (out / "run2.ls").read_text().split() == ["latest", "step_000002"]
+    # Space back: the same command resumes from step 2 and finishes.
+    assert (out / "run3.rc").read_text().strip() == "0", logs[3]
+    assert "resuming from" in logs[3] and "at step 2" in logs[3]
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    assert (out / "run3.ls").read_text().split() == ["latest", "step_000003"]
