@@ -53,6 +53,15 @@ class RunState:
     num_buffered_samples: int
     model_path: str
     """The model directory the run started from (architecture and tokenizer for export)."""
+    counters: dict[str, float] | None = None
+    """Every ``*_total`` metric as last logged before the save (None in older checkpoints)."""
+
+
+RESTORED_TOTALS = frozenset(
+    {"staleness/evicted_groups_total", "datastore/lost_groups_total", "train/skipped_steps_total"}
+)
+"""Counters whose sources come back from a checkpoint (the dispatcher's gate, the trainer's client
+state). Every other ``*_total`` restarts with its actor and continues through the metrics logger."""
 
 
 @dataclass

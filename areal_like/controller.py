@@ -43,6 +43,7 @@ from areal_like.metrics import (
     TensorBoardSink,
     WandbSink,
     progress_line,
+    totals_at_step,
     truncate_after_step,
 )
 from areal_like.prompts import PromptSets, load_prompt_records, tokenize_prompts
@@ -241,6 +242,8 @@ class RLController:
         ckpt.restore_rng(state.rng)
         self.step, self.version = state.step, state.version
         dropped = truncate_after_step(os.path.join(self.run_dir, "metrics.jsonl"), self.step)
+        baseline = totals_at_step(os.path.join(self.run_dir, "metrics.jsonl"), self.step)
+        self.metrics.continue_totals(baseline or state.counters or {}, ckpt.RESTORED_TOTALS)
         logger.info(
             "resumed from %s: step %d, version %d, %d buffered groups restored%s",
             path,
@@ -343,7 +346,13 @@ class RLController:
 
     def _run_state(self, dispatcher_state, num_buffered: int) -> ckpt.RunState:
         return ckpt.RunState(
-            self.step, self.version, dispatcher_state, ckpt.capture_rng(), num_buffered, self.model_path
+            self.step,
+            self.version,
+            dispatcher_state,
+            ckpt.capture_rng(),
+            num_buffered,
+            self.model_path,
+            counters=dict(self.metrics.last_totals),
         )
 
     def log_step(self, batch, stats: list[TrainStats], wait_s, train_s, sync_s, save_s) -> None:

@@ -35,7 +35,14 @@ def test_a_truncated_model_file_resumes_from_the_previous_checkpoint(tmp_path, c
     assert "step 2: trainer/trainer/mp_rank_00_model_states.pt truncated" in out, out
     assert "; resuming from step 1" in out
     assert resumed.first_step == 1 and resumed.last_step == 3
-    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]  # each once
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]  # each once
+    # Counters go on from step 1's values although the rollout worker and datastore restarted.
+    counters = [k for k in records[0] if k.endswith("_total")]
+    assert "rollout/samples_total" in counters and "datastore/lost_samples_total" in counters
+    for key in counters:
+        values = [r[key] for r in records]
+        assert values == sorted(values), (key, values)
     assert ckpt.committed_steps(str(run_dir)) == [1, 2, 3]
     assert verify(ckpt.step_dir(str(run_dir), 2)) is None  # saved again, intact
 
