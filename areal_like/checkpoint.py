@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from areal_like.checkpoint_manifest import MANIFEST, human_bytes, verify
+from areal_like.checkpoint_universal import TrainerLayout
 from areal_like.config import ConfigError
 from areal_like.dispatch import DispatcherState
 
@@ -55,6 +56,8 @@ class RunState:
     """The model directory the run started from (architecture and tokenizer for export)."""
     counters: dict[str, float] | None = None
     """Every ``*_total`` metric as last logged before the save (None in older checkpoints)."""
+    trainer_layout: TrainerLayout | None = None
+    """Ranks and ZeRO stage of the trainer that wrote ``trainer/`` (None in older checkpoints)."""
 
 
 RESTORED_TOTALS = frozenset(

@@ -35,6 +35,7 @@ import ray
 from areal_like import checkpoint as ckpt
 from areal_like import launch, placement
 from areal_like.checkpoint_saver import CheckpointSaver
+from areal_like.checkpoint_universal import TrainerLayout, trainer_checkpoint_for
 from areal_like.config import Config, to_yaml
 from areal_like.dispatch import PromptDispatcher
 from areal_like.metrics import (
@@ -232,11 +233,10 @@ class RLController:
             return None
         path = self.resume_point.path
         state = ckpt.read_state(path)
-        self._wait(
-            [t.load_checkpoint.remote(os.path.join(path, "trainer")) for t in self.trainers],
-            "trainer",
-            "load",
-        )
+        layout = TrainerLayout.of(self.config.train)  # another one loads through a universal checkpoint
+        with trainer_checkpoint_for(path, state.step, state.trainer_layout, layout) as (load_dir, universal):
+            loads = [t.load_checkpoint.remote(load_dir, universal) for t in self.trainers]
+            self._wait(loads, "trainer", "load")
         buffered = self.store.restore(os.path.join(path, "datastore.pkl"))
         ray.get(self.dispatcher.restore.remote(state.dispatcher, buffered))
         ckpt.restore_rng(state.rng)
@@ -353,6 +353,7 @@ class RLController:
             num_buffered,
             self.model_path,
             counters=dict(self.metrics.last_totals),
+            trainer_layout=TrainerLayout.of(self.config.train),
         )
 
     def log_step(self, batch, stats: list[TrainStats], wait_s, train_s, sync_s, save_s) -> None:

@@ -48,7 +48,13 @@ from trainer.batch import (
 )
 from trainer.config import TrainConfig
 from trainer.critic import Critic
-from trainer.deepspeed_engine import EngineSpec, init_distributed, load_model, make_engine
+from trainer.deepspeed_engine import (
+    EngineSpec,
+    init_distributed,
+    load_engine_checkpoint,
+    load_model,
+    make_engine,
+)
 from trainer.packing import agree_on_micro_batches, balanced_partition, imbalance, keep_local
 from trainer.stats import TrainStats, summarize
 
@@ -479,14 +485,15 @@ class TrainerRank:
         if self.critic is not None:
             self.critic.save(directory)
 
-    def load_checkpoint(self, directory: str) -> None:
-        path, state = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+    def load_checkpoint(self, directory: str, universal: bool = False) -> None:
+        """``universal``: ``directory`` was converted from another layout (ranks, ZeRO stage)."""
+        path, state = load_engine_checkpoint(self.engine, directory, CHECKPOINT_TAG, universal)
         if path is None:
             raise FileNotFoundError(f"trainer rank {self.rank}: no DeepSpeed checkpoint under {directory!r}")
         self.policy_version = int(state.get("policy_version", 0))
         self.skipped_total = int(state.get("skipped_total", 0))
         if self.critic is not None:
-            self.critic.load(directory)
+            self.critic.load(directory, universal)
 
     def ping(self) -> int:
         return self.rank

@@ -12,7 +12,7 @@ import pytest
 from areal_like import checkpoint as ckpt
 from areal_like.checkpoint_manifest import verify
 from areal_like.controller import run_training
-from tests.integration.test_e2e import ROOT, TINY, read_jsonl, tiny_config
+from tests.integration.test_e2e import ROOT, TINY, cli_train, read_jsonl, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -97,3 +97,24 @@ def test_a_save_into_a_full_filesystem_stops_with_the_message_and_the_next_start
     assert "resuming from" in logs[3] and "at step 2" in logs[3]
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
     assert (out / "run3.ls").read_text().split() == ["latest", "step_000003"]
+
+
+def test_a_run_resumes_on_another_trainer_layout_through_a_universal_checkpoint(tmp_path):
+    """The issue's command pair: 2 ranks (ZeRO-2) for 4 steps, then 1 rank at ZeRO-3 to step 8."""
+    run_dir = tmp_path / "run"
+
+    def train(*overrides):
+        cmd = cli_train(*TINY, f"run.dir={run_dir}", *QUIET, *overrides)
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+    first = train("train.num_ranks=2", "train.max_steps=4")
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = train("train.num_ranks=1", "train.zero_stage=3", "train.max_steps=8")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "checkpoint step 4 was saved with train.num_ranks=2 train.zero_stage=2; converting it for " \
+        "train.num_ranks=1 train.zero_stage=3" in second.stdout  # fmt: skip
+    assert "done: steps 4->8" in second.stdout  # continued at step 5
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 9))  # each once
+    state = ckpt.read_state(ckpt.step_dir(str(run_dir), 8))
+    assert (state.trainer_layout.num_ranks, state.trainer_layout.zero_stage) == (1, 3)
+    assert not any(name.endswith(".tmp") for name in os.listdir(ckpt.checkpoints_root(str(run_dir))))
