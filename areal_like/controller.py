@@ -338,11 +338,12 @@ class RLController:
     def maybe_checkpoint(self, force: bool = False) -> float:
         if not self.config.run.save_checkpoints:
             return 0.0
+        self.saver.check()  # a background save that failed stops the run here
         every = self.config.run.checkpoint_every
         last = self.step == self.config.train.max_steps
         if not (force or last or (every and self.step % every == 0)):
             return 0.0
-        return self.saver.save(self.step, self._run_state)
+        return self.saver.save(self.step, self._run_state, wait=force or last)
 
     def _run_state(self, dispatcher_state, num_buffered: int) -> ckpt.RunState:
         return ckpt.RunState(

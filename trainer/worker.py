@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from areal_like.core.digest import state_dict_digest  # noqa: F401 (re-exported for tests)
 from datastore.types import DataStoreSamplesLost
+from trainer import checkpoint_engine
 from trainer.advantages import normalize_with, sequence_scores, token_advantages
 from trainer.algorithms import (
     decoupled_ppo_loss,
@@ -46,6 +47,7 @@ from trainer.batch import (
     dummy_micro_batch,
     split_even,
 )
+from trainer.checkpoint_engine import WriteProgress
 from trainer.config import TrainConfig
 from trainer.critic import Critic
 from trainer.deepspeed_engine import (
@@ -122,6 +124,7 @@ class TrainerRank:
                 config, lr=config.critic.lr, weight_decay=config.critic.weight_decay
             )
             self.critic = Critic(config.critic.model_path or model_path, critic_spec, world_size)
+        self.checkpoint_io = checkpoint_engine.install(self.engine, self.critic and self.critic.engine)
         self.policy_version = 0
         self.skipped_total = 0
         torch.manual_seed(seed + rank)
@@ -478,12 +481,19 @@ class TrainerRank:
     def optimizer_step_count(self) -> int:
         return int(self.engine.global_steps)
 
-    def save_checkpoint(self, directory: str) -> None:
-        """Model, optimizer, LR scheduler (and critic) of every rank into ``directory`` (collective)."""
+    def save_checkpoint(self, directory: str, background: bool = False) -> WriteProgress:
+        """Model, optimizer, LR scheduler (and critic) of every rank into ``directory`` (collective).
+        ``background``: return once the state is copied to host memory; the files are written while
+        training goes on (poll ``checkpoint_progress``)."""
+        self.checkpoint_io.begin(background)
         state = {"policy_version": self.policy_version, "skipped_total": self.skipped_total}
         self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state=state, save_latest=False)
         if self.critic is not None:
             self.critic.save(directory)
+        return self.checkpoint_io.progress()
+
+    def checkpoint_progress(self) -> WriteProgress:
+        return self.checkpoint_io.progress()
 
     def load_checkpoint(self, directory: str, universal: bool = False) -> None:
         """``universal``: ``directory`` was converted from another layout (ranks, ZeRO stage)."""

@@ -118,3 +118,32 @@ def test_a_run_resumes_on_another_trainer_layout_through_a_universal_checkpoint(
     state = ckpt.read_state(ckpt.step_dir(str(run_dir), 8))
     assert (state.trainer_layout.num_ranks, state.trainer_layout.zero_stage) == (1, 3)
     assert not any(name.endswith(".tmp") for name in os.listdir(ckpt.checkpoints_root(str(run_dir))))
+
+
+def _adam_step(checkpoint_dir) -> int:
+    import torch
+
+    path = os.path.join(checkpoint_dir, "trainer", "trainer", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    optim = torch.load(path, map_location="cpu", weights_only=False)
+    return int(next(iter(optim["optimizer_state_dict"]["base_optimizer_state"]["state"].values()))["step"])
+
+
+def test_async_checkpoints_hold_their_step_and_resume_exactly(tmp_path):
+    from tests.integration.test_e2e import module_weights
+    from trainer.worker import state_dict_digest
+
+    run_dir = tmp_path / "run"
+    common = ["run.async_checkpoint=true", "run.checkpoint_every=1", "run.keep_checkpoints=5", *QUIET]
+    first = run_training(tiny_config(run_dir, "train.max_steps=3", *common))
+    assert first.last_step == 3 and ckpt.committed_steps(str(run_dir)) == [1, 2, 3]
+    for step in (1, 2, 3):  # written while later steps trained, yet each holds its own step's state
+        path = ckpt.step_dir(str(run_dir), step)
+        assert verify(path) is None
+        assert module_weights(path)[1] == step and _adam_step(path) == step
+    saved_weights, _ = module_weights(ckpt.step_dir(str(run_dir), 3))
+
+    second = run_training(tiny_config(run_dir, "train.max_steps=5", *common))
+    assert second.first_step == 3 and second.last_step == 5
+    assert second.start_weights_digest == state_dict_digest(saved_weights)  # resumed from step 3 exactly
+    assert _adam_step(ckpt.step_dir(str(run_dir), 5)) == 5
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5]
