@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -176,6 +177,21 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Exit codes: scripts/train.sh retries EXIT_RUNTIME (a resume can succeed) and never EXIT_CONFIG
+# (the same command fails the same way until the user changes something).
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+
+
+def _user_errors(command: str, config_error: type[Exception]) -> tuple[type[Exception], ...]:
+    """Errors that mean "fix the command or config", for ``command``. For ``train`` only
+    ``ConfigError``: a FileNotFoundError there can be a runtime race (a file removed under a
+    running job), and a retry may succeed. The other commands only read paths the user named."""
+    if command == "train":
+        return (config_error,)
+    return (config_error, FileNotFoundError, FileExistsError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(
@@ -186,15 +202,20 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as err:
+    except _user_errors(args.command, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except RunFault as err:  # a named actor death: the message says what was lost and how to resume
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {err}", file=sys.stderr)  # says what is full and what to do; no traceback
+        return EXIT_RUNTIME
 
 
 if __name__ == "__main__":

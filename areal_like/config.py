@@ -43,7 +43,12 @@ class RunSection:
     checkpoint_every: int = 10
     """Save a checkpoint every this many train steps (and always at the last step); 0 = only at the end."""
     keep_checkpoints: int = 2
-    """How many recent checkpoints to keep on disk."""
+    """How many recent checkpoints to keep on disk (the newest intact one is never deleted)."""
+    async_checkpoint: bool = False
+    """True: a save blocks the loop only while each trainer rank copies its state to host memory;
+    the files are written in the background while training goes on (needs host memory for one more
+    copy of every rank's model and optimizer state). A crash mid-write leaves the previous
+    checkpoint as the one a resume takes."""
     resume: bool = True
     """Resume from the run directory's latest checkpoint when there is one."""
     tensorboard: bool = True

@@ -36,6 +36,8 @@ from ray.actor import ActorHandle
 
 from areal_like import checkpoint as ckpt
 from areal_like import faults, launch, local_ray, placement, preflight
+from areal_like.checkpoint_saver import CheckpointSaver
+from areal_like.checkpoint_universal import TrainerLayout, trainer_checkpoint_for
 from areal_like.config import Config, to_yaml
 from areal_like.core.types import TRAJECTORY_COLUMNS
 from areal_like.dispatch import PromptDispatcher
@@ -46,9 +48,11 @@ from areal_like.metrics import (
     TensorBoardSink,
     WandbSink,
     progress_line,
+    totals_at_step,
     truncate_after_step,
 )
 from areal_like.prompts import PromptRecords, PromptSets, tokenize_prompts
+from areal_like.run_lock import RunLock
 from areal_like.staleness import min_allowed_version
 from areal_like.step_metrics import step_metrics
 from areal_like.stop import StopRequest
@@ -173,7 +177,12 @@ class RLController:
 
     # ---- steps -------------------------------------------------------------------------------------
     def prepare_run_dir(self) -> None:
-        os.makedirs(self.run_dir, exist_ok=True)
+        self.run_lock = RunLock.acquire(self.run_dir)  # before anything is written into it
+        try:
+            self.resume_point = ckpt.prepare(self.run_dir, self.config.run.resume)
+        except BaseException:
+            self.run_lock.release()
+            raise
         with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(self.config))
         logger.info("run directory: %s", self.run_dir)
@@ -212,8 +221,7 @@ class RLController:
         self.trainer_opts = placement.trainer_options(cfg.placement, cfg.train.num_ranks)
         self.trainers = launch.make_trainers(cfg, self.model_path, self.trainer_opts)
         # A resumed run samples from a fresh stream: the seed moves with the checkpoint's step.
-        latest = ckpt.latest_checkpoint(self.run_dir) if cfg.run.resume else None
-        resume_step = ckpt.read_state(latest).step if latest else 0
+        resume_step = self.resume_point.step if self.resume_point else 0
 
         incarnations = itertools.count()
 
@@ -248,6 +256,9 @@ class RLController:
         )
         self._wait([t.ping.remote() for t in self.trainers], "trainer", "start")
         self.weights = WeightSync(cfg, self.model_path, self.trainers, self.rollout, self._wait)
+        self.saver = CheckpointSaver(
+            self.run_dir, cfg.run, self.trainers, self.store, self.dispatcher, TRAIN_TASK, self._wait
+        )
         print(
             placement.placement_report({"trainer": self.trainers, "rollout worker": self.workers}), flush=True
         )
@@ -259,22 +270,21 @@ class RLController:
         )
 
     def maybe_resume(self) -> str | None:
-        if not self.config.run.resume:
+        if self.resume_point is None:
             return None
-        path = ckpt.latest_checkpoint(self.run_dir)
-        if path is None:
-            return None
+        path = self.resume_point.path
         state = ckpt.read_state(path)
-        self._wait(
-            [t.load_checkpoint.remote(os.path.join(path, "trainer")) for t in self.trainers],
-            "trainer",
-            "load",
-        )
+        layout = TrainerLayout.of(self.config.train)  # another one loads through a universal checkpoint
+        with trainer_checkpoint_for(path, state.step, state.trainer_layout, layout) as (load_dir, universal):
+            loads = [t.load_checkpoint.remote(load_dir, universal) for t in self.trainers]
+            self._wait(loads, "trainer", "load")
         buffered = self.store.restore(os.path.join(path, "datastore.pkl"))
         self._ask_dispatcher(self.dispatcher.restore.remote(state.dispatcher, buffered), "restore")
         ckpt.restore_rng(state.rng)
         self.step, self.version = state.step, state.version
         dropped = truncate_after_step(os.path.join(self.run_dir, "metrics.jsonl"), self.step)
+        baseline = totals_at_step(os.path.join(self.run_dir, "metrics.jsonl"), self.step)
+        self.metrics.continue_totals(baseline or state.counters or {}, ckpt.RESTORED_TOTALS)
         logger.info(
             "resumed from %s: step %d, version %d, %d buffered groups restored%s",
             path,
@@ -283,7 +293,7 @@ class RLController:
             len(buffered),
             f", {dropped} metric lines after it dropped" if dropped else "",
         )
-        print(f"resuming from {path} at step {self.step}", flush=True)
+        print(self.resume_point.describe(), flush=True)
         return path
 
     def start_rollouts(self) -> None:
@@ -377,30 +387,24 @@ class RLController:
     def maybe_checkpoint(self, force: bool = False) -> float:
         if not self.config.run.save_checkpoints:
             return 0.0
+        self.saver.check()  # a background save that failed stops the run here
         every = self.config.run.checkpoint_every
         last = self.step == self.config.train.max_steps
         if not (force or last or (every and self.step % every == 0)):
             return 0.0
-        start = time.perf_counter()
-        staged = ckpt.staging_dir(self.run_dir, self.step)
-        # Dispatcher first, datastore second: a group that finishes in between is either in the
-        # snapshot (then not requeued) or still listed in flight (then requeued); never lost.
-        dispatcher_state = self._ask_dispatcher(self.dispatcher.state.remote(), "state")
-        num_buffered = self.store.snapshot(os.path.join(staged, "datastore.pkl"), TRAIN_TASK)
-        self._wait(
-            [t.save_checkpoint.remote(os.path.join(staged, "trainer")) for t in self.trainers],
-            "trainer",
-            "save",
+        return self.saver.save(self.step, self._run_state, wait=force or last)
+
+    def _run_state(self, dispatcher_state, num_buffered: int) -> ckpt.RunState:
+        return ckpt.RunState(
+            self.step,
+            self.version,
+            dispatcher_state,
+            ckpt.capture_rng(),
+            num_buffered,
+            self.model_path,
+            counters=dict(self.metrics.last_totals),
+            trainer_layout=TrainerLayout.of(self.config.train),
         )
-        ckpt.write_state(
-            staged,
-            ckpt.RunState(
-                self.step, self.version, dispatcher_state, ckpt.capture_rng(), num_buffered, self.model_path
-            ),
-        )
-        final = ckpt.commit(self.run_dir, staged, self.step, self.config.run.keep_checkpoints)
-        logger.info("checkpoint %s (%d buffered samples)", final, num_buffered)
-        return time.perf_counter() - start
 
     def log_step(self, batch, stats: list[TrainStats], wait_s, train_s, sync_s, save_s) -> None:
         trained_version = self.version - 1
@@ -507,6 +511,8 @@ class RLController:
             ray.kill(self.dispatcher)
         if self._owns_ray:
             local_ray.shutdown()
+        if getattr(self, "run_lock", None) is not None:
+            self.run_lock.release()
 
     # ---- builders ------------------------------------------------------------------------------
     @property

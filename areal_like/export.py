@@ -12,17 +12,26 @@ import os
 import shutil
 
 from areal_like import checkpoint as ckpt
+from areal_like.checkpoint_manifest import MANIFEST, verify
+from areal_like.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A checkpoint directory, or a run directory (its latest checkpoint)."""
+    """A checkpoint directory (checked against its manifest), or a run directory (its newest intact
+    checkpoint). A path that is neither, or a damaged checkpoint, is a ``ConfigError``."""
     if os.path.exists(os.path.join(path, "state.pkl")):
+        problem = verify(path) if os.path.exists(os.path.join(path, MANIFEST)) else None
+        if problem is not None:
+            raise ConfigError(
+                f"checkpoint {path!r} is damaged: {problem}; pass its run directory instead to use "
+                "the newest intact checkpoint"
+            )
         return path
     latest = ckpt.latest_checkpoint(path) if os.path.isdir(path) else None
     if latest is None:
-        raise FileNotFoundError(
+        raise ConfigError(
             f"{path!r} is neither a checkpoint directory (with state.pkl) "
             "nor a run directory with checkpoints"
         )
@@ -62,7 +71,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, overwrite: bool = False) ->
     """Write the checkpoint's policy as an HF model directory; returns ``out_dir``."""
     checkpoint_dir = resolve_checkpoint(checkpoint)
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"export target {out_dir!r} is not empty; pass --overwrite to replace it")
+        raise ConfigError(f"export target {out_dir!r} is not empty; pass --overwrite to replace it")
     model, tokenizer = load_policy(checkpoint_dir)
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

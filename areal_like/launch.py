@@ -9,7 +9,7 @@ import os
 import ray
 
 from areal_like import placement
-from areal_like.config import Config, ModelConfig
+from areal_like.config import Config, ConfigError, ModelConfig
 from rollout.samples import ForcedLengths
 from rollout.worker import RolloutWorker
 from trainer.worker import TrainerRank
@@ -21,7 +21,7 @@ def resolve_model_path(cfg: ModelConfig, run_dir: str) -> str:
     """``model.path`` when given (a local HF dir), else a model built once into run_dir/init_model."""
     if cfg.path is not None:
         if not os.path.isdir(cfg.path):
-            raise FileNotFoundError(f"model.path={cfg.path!r} is not a directory (a local HF model dir)")
+            raise ConfigError(f"model.path={cfg.path!r} is not a directory (a local HF model dir)")
         return os.path.abspath(cfg.path)
     from areal_like.core.models import build_model
 

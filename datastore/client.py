@@ -216,6 +216,15 @@ class DataStoreClient:
         Call it with writers and readers paused (at a checkpoint); returns the number of samples.
         Groups found lost on the way are left out (they are in ``drain_lost``).
         """
+        snapshot = self.snapshot_samples(task)
+        write_snapshot(path, snapshot)
+        num = len(snapshot.samples)
+        logger.info("datastore: snapshot of %d samples unconsumed by %r -> %s", num, task, path)
+        return num
+
+    def snapshot_samples(self, task: str) -> StoreSnapshot:
+        """``snapshot`` in memory: the caller writes it (``datastore.snapshot.write_snapshot``)
+        when it likes, e.g. in the background while training goes on."""
         metas = self._call_controller("snapshot_metas", task).rows()
         rows: list[dict[str, np.ndarray]] = []
         lost_groups: set[int] = set()
@@ -227,7 +236,7 @@ class DataStoreClient:
         if lost_groups:
             logger.warning("datastore: snapshot leaves out %d groups lost with a dead unit", len(lost_groups))
         kept = [(m, row) for m, row in zip(metas, rows, strict=True) if m.group_id not in lost_groups]
-        snapshot = StoreSnapshot(
+        return StoreSnapshot(
             samples=[
                 SampleWrite(
                     sample_id=meta.sample_id,
@@ -242,9 +251,6 @@ class DataStoreClient:
             ],
             task=task,
         )
-        write_snapshot(path, snapshot)
-        logger.info("datastore: snapshot of %d samples unconsumed by %r -> %s", len(kept), task, path)
-        return len(kept)
 
     def restore(self, path: str) -> list[int]:
         """Put a snapshot's samples back (into a fresh store, spread over its live units), oldest

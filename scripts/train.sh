@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Usage: bash scripts/train.sh CONFIG.yaml [key=value ...]
-# Re-running with the same run.dir resumes from its latest checkpoint. When the run fails (a
-# trainer or actor error, not a config error or a Ctrl-C/SIGTERM), this launcher resumes it from
-# the latest checkpoint, up to AREAL_LIKE_MAX_RESTARTS times (default 3).
+# Re-running with the same run.dir resumes from its newest intact checkpoint. When the run fails
+# at runtime (exit 1: a trainer or actor error, a timeout, a full disk), this launcher resumes it,
+# up to AREAL_LIKE_MAX_RESTARTS times (default 3). It never retries exit 2 (a config or input
+# error, a run.dir locked by another run, no intact checkpoint: the same command would fail the
+# same way) nor a run stopped on purpose (130 Ctrl-C, 143 SIGTERM).
 set -uo pipefail
 if [ $# -lt 1 ]; then echo "usage: bash scripts/train.sh CONFIG.yaml [key=value ...]" >&2; exit 2; fi
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,7 +22,7 @@ while true; do
   trap - TERM INT
   case $rc in
     0) exit 0 ;;
-    2|130|143) exit $rc ;;  # bad config/input, or stopped on purpose: retrying would not help
+    2|130|143) exit $rc ;;  # config/input error, or stopped on purpose: retrying would not help
   esac
   attempt=$((attempt + 1))
   if [ $attempt -gt "$max_restarts" ]; then

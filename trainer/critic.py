@@ -11,7 +11,7 @@ import torch
 
 from trainer.algorithms import value_loss
 from trainer.batch import MicroBatch
-from trainer.deepspeed_engine import EngineSpec, load_train_model, make_engine
+from trainer.deepspeed_engine import EngineSpec, load_engine_checkpoint, load_train_model, make_engine
 
 CHECKPOINT_TAG = "critic"
 
@@ -53,7 +53,7 @@ class Critic:
     def save(self, directory: str) -> None:
         self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, save_latest=False)
 
-    def load(self, directory: str) -> None:
-        path, _ = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+    def load(self, directory: str, universal: bool = False) -> None:
+        path, _ = load_engine_checkpoint(self.engine, directory, CHECKPOINT_TAG, universal)
         if path is None:
             raise FileNotFoundError(f"no critic checkpoint (tag {CHECKPOINT_TAG!r}) under {directory!r}")

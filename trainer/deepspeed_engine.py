@@ -191,6 +191,17 @@ def make_engine(model, spec: EngineSpec, world_size: int, with_optimizer: bool =
     return engine
 
 
+def load_engine_checkpoint(engine, directory: str, tag: str, universal: bool = False):
+    """``engine.load_checkpoint``; ``universal``: ``directory`` holds a universal checkpoint (written
+    by another rank count or ZeRO stage), which DeepSpeed reads when its config says so."""
+    saved = engine._config.load_universal_checkpoint
+    engine._config.load_universal_checkpoint = universal
+    try:
+        return engine.load_checkpoint(directory, tag=tag)
+    finally:
+        engine._config.load_universal_checkpoint = saved
+
+
 STALE_BUILD_LOCK_S = 600.0
 """A DeepSpeed JIT-build lock older than this is left over from a killed build (a real one takes ~1 min)."""
 

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from areal_like.core.digest import state_dict_digest  # noqa: F401 (re-exported for tests)
 from areal_like.core.types import TRAJECTORY_COLUMNS
 from datastore.types import DataStoreSamplesLost
+from trainer import checkpoint_engine
 from trainer.advantages import normalize_with, sequence_scores, token_advantages
 from trainer.algorithms import (
     kl_estimate,
@@ -46,10 +47,17 @@ from trainer.batch import (
     dummy_micro_batch,
     split_even,
 )
+from trainer.checkpoint_engine import WriteProgress
 from trainer.collectives import all_reduce_floats
 from trainer.config import TrainConfig
 from trainer.critic import Critic
-from trainer.deepspeed_engine import EngineSpec, init_distributed, load_train_model, make_engine
+from trainer.deepspeed_engine import (
+    EngineSpec,
+    init_distributed,
+    load_engine_checkpoint,
+    load_train_model,
+    make_engine,
+)
 from trainer.packing import agree_on_micro_batches, balanced_partition, imbalance, keep_local
 from trainer.policy_losses import needs_segments, policy_loss, span_segments
 from trainer.stats import TrainStats, check_logp_mismatch, fresh_mismatch, summarize
@@ -117,6 +125,7 @@ class TrainerRank:
                 config, lr=config.critic.lr, weight_decay=config.critic.weight_decay
             )
             self.critic = Critic(config.critic.model_path or model_path, critic_spec, world_size)
+        self.checkpoint_io = checkpoint_engine.install(self.engine, self.critic and self.critic.engine)
         self.policy_version = 0
         self.skipped_total = 0
         torch.manual_seed(seed + rank)
@@ -482,21 +491,29 @@ class TrainerRank:
             return None
         return state_dict_digest(weights)
 
-    def save_checkpoint(self, directory: str) -> None:
-        """Model, optimizer, LR scheduler (and critic) of every rank into ``directory`` (collective)."""
+    def save_checkpoint(self, directory: str, background: bool = False) -> WriteProgress:
+        """Model, optimizer, LR scheduler (and critic) of every rank into ``directory`` (collective).
+        ``background``: return once the state is copied to host memory; the files are written while
+        training goes on (poll ``checkpoint_progress``)."""
+        self.checkpoint_io.begin(background)
         state = {"policy_version": self.policy_version, "skipped_total": self.skipped_total}
         self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state=state, save_latest=False)
         if self.critic is not None:
             self.critic.save(directory)
+        return self.checkpoint_io.progress()
 
-    def load_checkpoint(self, directory: str) -> None:
-        path, state = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+    def checkpoint_progress(self) -> WriteProgress:
+        return self.checkpoint_io.progress()
+
+    def load_checkpoint(self, directory: str, universal: bool = False) -> None:
+        """``universal``: ``directory`` was converted from another layout (ranks, ZeRO stage)."""
+        path, state = load_engine_checkpoint(self.engine, directory, CHECKPOINT_TAG, universal)
         if path is None:
             raise FileNotFoundError(f"trainer rank {self.rank}: no DeepSpeed checkpoint under {directory!r}")
         self.policy_version = int(state.get("policy_version", 0))
         self.skipped_total = int(state.get("skipped_total", 0))
         if self.critic is not None:
-            self.critic.load(directory)
+            self.critic.load(directory, universal)
 
     def ping(self) -> int:
         return self.rank
