@@ -130,6 +130,7 @@ class RolloutWorker:
         version: int,
     ) -> None:
         from areal_like.core.models import load_model, load_tokenizer
+        from areal_like.core.tokenizer import stop_token_ids
 
         torch.set_num_threads(config.torch_threads)
         self.worker_id = worker_id
@@ -148,12 +149,11 @@ class RolloutWorker:
         model = load_model(model_path) if config.engine == "hf" else None
         self.engine = make_engine(engine_config, engine_id=worker_id, version=version, model=model)
         self.rewards = RewardPool(reward_fn_path, num_workers=reward_workers, timeout_s=reward_timeout_s)
-        eos = self.tokenizer.eos_token_id
         self.params = SamplingParams(
             max_new_tokens=config.max_new_tokens,
             temperature=config.temperature,
             top_p=config.top_p,
-            stop_token_ids=(eos,) if eos is not None else (),
+            stop_token_ids=stop_token_ids(self.tokenizer),  # Qwen: <|im_end|> and <|endoftext|>
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

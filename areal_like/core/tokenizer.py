@@ -26,6 +26,7 @@ included), eos ``<|im_end|>`` and pad ``<|endoftext|>`` as Qwen2.5-Instruct sets
 from __future__ import annotations
 
 import os
+import unicodedata
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -171,7 +172,8 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
 def encode_checked(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
     """Token ids of ``text`` (no special tokens added); ValueError naming any character not in the vocab."""
     ids = tokenizer.encode(text, add_special_tokens=False)
-    if tokenizer.decode(ids) != text:
+    # Qwen2's pipeline (both tokenizers here) normalises to NFC first: a decomposed é is not lost.
+    if tokenizer.decode(ids) != unicodedata.normalize("NFC", text):
         known = set(tokenizer.decode(list(range(len(tokenizer))), skip_special_tokens=True))
         unknown = sorted({c for c in text if c not in known})
         raise ValueError(
