@@ -127,8 +127,8 @@ class TaskConfig:
     '{prompt}'); other braces stay literal, e.g.
     "{question}\\nPlease reason step by step, and put your final answer within \\\\boxed{}."."""
     chat_template: bool = False
-    """Wrap the user message in the tokenizer's chat template with the generation prompt (e.g.
-    Qwen's ChatML: ``<|im_start|>user ... <|im_end|> <|im_start|>assistant``); needs a tokenizer
+    """Wrap the user message in the tokenizer's chat template with the generation prompt (Qwen's
+    ChatML: a system turn, the user turn, then the opening of the assistant turn); needs a tokenizer
     with one (``model.build.tokenizer: qwen`` or a local instruct model)."""
     system_prompt: str | None = None
     """System message before the user message (needs ``chat_template``); None = none, so the

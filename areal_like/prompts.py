@@ -159,3 +159,21 @@ def encode_prompts(
             f"{fmt.max_prompt_tokens} tokens (longest {longest}); raise it or shorten the templates"
         )
     return kept, ids, overlong
+
+
+def write_sft_data(cfg: TaskConfig, seed: int, model_path: str, out_path: str) -> int:
+    """Write the task's training prompts as an SFT file (``{"prompt", "response"}`` per line): each
+    prompt rendered exactly as the RL run sends it, its ground-truth answer as the response (for
+    GSM8K-style data, the worked solution ending in ``#### N``). Returns the number of lines."""
+    import json
+    import os
+
+    prompts = tokenize_prompts(load_prompt_records(cfg, seed), model_path)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = out_path + ".tmp"
+    with open(tmp, "w") as f:
+        for record in prompts.train:
+            f.write(json.dumps({"prompt": record.text, "response": record.answer}) + "\n")
+    os.replace(tmp, out_path)
+    logger.info("wrote %d SFT records to %s", len(prompts.train), out_path)
+    return len(prompts.train)

@@ -137,3 +137,17 @@ def test_vllm_with_top_p_below_one_is_refused_naming_the_fields(top_p, engine):
 def test_top_p_below_one_stays_allowed_on_the_hf_engine_and_vllm_at_one():
     assert RolloutConfig(engine="hf", top_p=0.9).top_p == 0.9
     assert RolloutConfig(engine="vllm", top_p=1.0).engine == "vllm"
+
+
+def test_gsm8k_recipes_use_the_qwen_prompt_setup_and_existing_data():
+    import os
+
+    cpu = load_config("configs/gsm8k_cpu.yaml")
+    assert cpu.model.path is None and cpu.model.build.tokenizer == "qwen"
+    assert cpu.task.chat_template and cpu.task.reward_fn == "areal_like.tasks.gsm8k:gsm8k_reward"
+    assert os.path.isfile(cpu.task.train_path) and os.path.isfile(cpu.task.eval_path)
+    for name, devices in (("gsm8k_1gpu", "colocated"), ("gsm8k_split", "split")):
+        gpu = load_config(f"configs/{name}.yaml")
+        assert gpu.placement.devices == devices and gpu.realloc.placement == devices
+        assert gpu.rollout.engine == "vllm" and gpu.rollout.vllm.enforce_eager is False  # CUDA graphs
+        assert gpu.model.path and gpu.task.chat_template and gpu.task.prompt_template == BOXED
