@@ -10,7 +10,7 @@ import unicodedata
 import pytest
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-from areal_like.core.models import SHAPES, ModelBuildConfig, build_model, load_tokenizer, model_config
+from areal_like.core.models import SHAPES, ModelBuildConfig, load_tokenizer, model_config
 from areal_like.core.tokenizer import (
     QWEN_ADDED_TOKENS,
     build_qwen_tokenizer,
@@ -58,10 +58,13 @@ def tiktoken_qwen():
 
 @pytest.fixture(scope="module")
 def qwen_model_dir(tmp_path_factory) -> str:
-    cfg = ModelBuildConfig(
-        tokenizer="qwen", hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1, seed=0
-    )
-    return build_model(cfg, str(tmp_path_factory.mktemp("models") / "qwen_tiny"))
+    """Built as users do: ``areal-like build-model --out DIR tokenizer=qwen ...``."""
+    from areal_like.cli import main
+
+    out = str(tmp_path_factory.mktemp("models") / "qwen_tiny")
+    shape = ["hidden_size=32", "intermediate_size=64", "num_heads=2", "num_kv_heads=1"]
+    assert main(["build-model", "--out", out, "tokenizer=qwen", *shape]) == 0
+    return out
 
 
 def _random_texts(num: int, seed: int) -> list[str]:
