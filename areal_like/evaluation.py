@@ -100,7 +100,9 @@ def evaluate(
         raise ValueError("eval: --data is required when evaluating an HF model directory")
     run_prompts = load_prompt_records(run_config.task, run_config.run.seed) if run_config else None
     if data is not None:
-        records = load_prompts(data).records
+        # A run's own field names apply to other files in its format (GSM8K: question/answer).
+        keys = (run_config.task.prompt_key, run_config.task.answer_key) if run_config else ()
+        records = load_prompts(data, *keys).records
     else:
         records, data = run_prompts.eval, "held-out prompts of the run's task"
     reward_path = reward_fn or (run_prompts.reward_fn_path if run_prompts else None)

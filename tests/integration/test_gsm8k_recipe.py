@@ -85,6 +85,14 @@ def test_gsm8k_cpu_recipe_trains_on_any_gsm8k_file_and_logs_the_chat_prompt(tmp_
         assert example["answer"].endswith(("#### 7", "#### 6"))
         assert "<|im_end|>" not in example["response"]  # stop/special tokens are not in the text
 
+    # `areal-like eval` on the run reads any file in the run's format (question/answer keys) and
+    # sends the prompts through the run's templates.
+    from areal_like.evaluation import evaluate
+
+    report = evaluate(str(run_dir), data=data, max_new_tokens=4)
+    assert report.num_prompts == len(QUESTIONS)
+    assert {p.prompt for p in report.prompts} == sent
+
 
 def test_sft_then_rl_script_warms_up_then_trains_from_the_sft_model(tmp_path):
     data = _gsm8k_file(tmp_path / "gsm.jsonl")
