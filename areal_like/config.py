@@ -136,6 +136,20 @@ class TaskConfig:
     """Isolation of model-written code (the code reward): 'bwrap' (bubblewrap namespaces, read-only
     file system, unprivileged uid; the run refuses to start without bwrap) or 'weak' (resource
     limits and audit hooks only). Set for every actor as AREAL_LIKE_SANDBOX."""
+    prompt_template: str = "{question}"
+    """The user message made from a record's prompt text, which replaces '{question}' (or its alias
+    '{prompt}'); other braces stay literal, e.g.
+    "{question}\\nPlease reason step by step, and put your final answer within \\\\boxed{}."."""
+    chat_template: bool = False
+    """Wrap the user message in the tokenizer's chat template with the generation prompt (Qwen's
+    ChatML: a system turn, the user turn, then the opening of the assistant turn); needs a tokenizer
+    with one (``model.build.tokenizer: qwen`` or a local instruct model)."""
+    system_prompt: str | None = None
+    """System message before the user message (needs ``chat_template``); None = none, so the
+    template's default applies (Qwen2.5: 'You are Qwen, created by Alibaba Cloud. ...')."""
+    max_prompt_tokens: int | None = None
+    """Drop prompts longer than this many tokens (after the templates) from both sets, counted in
+    the log; None keeps every prompt."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -151,6 +165,18 @@ class TaskConfig:
             raise ValueError(f"task.reward_timeout_s={self.reward_timeout_s}: must be > 0")
         if self.sandbox not in ("bwrap", "weak"):
             raise ValueError(f"task.sandbox={self.sandbox!r}: allowed values are 'bwrap', 'weak'")
+        if "{question}" not in self.prompt_template and "{prompt}" not in self.prompt_template:
+            raise ValueError(
+                f"task.prompt_template={self.prompt_template!r} has no '{{question}}' placeholder for the "
+                "prompt text; e.g. '{question}\\nPut your final answer after ####.'"
+            )
+        if self.system_prompt is not None and not self.chat_template:
+            raise ValueError(
+                f"task.system_prompt={self.system_prompt!r} needs task.chat_template=true (a system "
+                "message exists only in a chat template); set it, or put the text in task.prompt_template"
+            )
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"task.max_prompt_tokens={self.max_prompt_tokens}: must be >= 1 or null")
 
 
 @dataclass

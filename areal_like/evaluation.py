@@ -26,6 +26,7 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
 class PromptResult:
     prompt_id: str
     prompt: str
+    """The prompt as sent to the engine (prompt and chat templates applied)."""
     answer: str
     responses: list[str]
     rewards: list[float]
@@ -70,7 +71,8 @@ def evaluate(
 
     from areal_like.core.data import load_prompts
     from areal_like.core.models import load_model, load_tokenizer
-    from areal_like.prompts import PromptRecords, load_prompt_records, tokenize_prompts
+    from areal_like.core.tokenizer import stop_token_ids
+    from areal_like.prompts import PromptFormat, PromptRecords, load_prompt_records, tokenize_prompts
     from rollout.engine import SamplingParams
     from rollout.hf_engine import HFEngine
     from rollout.rewards import RewardPool
@@ -98,7 +100,9 @@ def evaluate(
         raise ValueError("eval: --data is required when evaluating an HF model directory")
     run_prompts = load_prompt_records(run_config.task, run_config.run.seed) if run_config else None
     if data is not None:
-        records = load_prompts(data).records
+        # A run's own field names apply to other files in its format (GSM8K: question/answer).
+        keys = (run_config.task.prompt_key, run_config.task.answer_key) if run_config else ()
+        records = load_prompts(data, *keys).records
     else:
         assert run_prompts is not None, "checked above: without --data there is a run config"
         records, data = run_prompts.eval, "held-out prompts of the run's task"
@@ -110,14 +114,18 @@ def evaluate(
         logger.warning("eval: no --reward-fn given for an HF model dir; using %s", reward_path)
     if max_new_tokens is None:
         max_new_tokens = run_config.rollout.max_new_tokens if run_config else 32
-    prompt_ids = tokenize_prompts(PromptRecords(records, [], reward_path), model_dir).train_ids
+    # The run's prompt and chat templates apply to any prompt set it is evaluated on.
+    prompt_format = run_prompts.format if run_prompts else PromptFormat()
+    prompt_sets = tokenize_prompts(PromptRecords([], records, reward_path, prompt_format), model_dir)
+    records, prompt_ids = prompt_sets.eval, prompt_sets.eval_ids  # text: the prompt as sent
 
     engine = HFEngine(policy, seed=0)
-    eos = tokenizer.eos_token_id
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop_token_ids=(eos,))
+    stops = stop_token_ids(tokenizer)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop_token_ids=stops)
     outputs = engine.generate([ids for ids in prompt_ids for _ in range(n)], params)
     texts = [
-        tokenizer.decode([t for t in o.response_ids if t != eos], skip_special_tokens=True) for o in outputs
+        tokenizer.decode([t for t in o.response_ids if t not in stops], skip_special_tokens=True)
+        for o in outputs
     ]
     answers = [r.answer for r in records for _ in range(n)]
     with RewardPool(reward_path, num_workers=1, timeout_s=reward_timeout_s) as pool:

@@ -146,5 +146,14 @@ class RolloutConfig:
             raise ValueError(f"rollout.temperature={self.temperature}: must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"rollout.top_p={self.top_p}: must be in (0, 1]")
+        if self.engine == "vllm" and self.top_p < 1:
+            # vLLM reports the log-prob after nucleus truncation and renormalisation, the trainer
+            # recomputes the full tempered distribution: pi_prox/pi_behav would be off on every token.
+            raise ValueError(
+                f"rollout.top_p={self.top_p} with rollout.engine='vllm': vLLM's sampled log-probs are "
+                "taken after top-p truncation, not on the full distribution the trainer recomputes, so "
+                "the behaviour importance weights would be biased; use rollout.top_p=1.0 with vLLM (or "
+                "the 'hf' engine, which records full-distribution log-probs)"
+            )
         if self.torch_threads < 1:
             raise ValueError(f"rollout.torch_threads={self.torch_threads}: must be >= 1")

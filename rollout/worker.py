@@ -134,6 +134,7 @@ class RolloutWorker:
     ) -> None:
         """``forced_lengths``: benchmarks only (eos ignored, lognormal lengths); None in training."""
         from areal_like.core.models import load_tokenizer
+        from areal_like.core.tokenizer import stop_token_ids
 
         torch.set_num_threads(config.torch_threads)
         self.worker_id = worker_id
@@ -148,12 +149,11 @@ class RolloutWorker:
         self.rewards = RewardPool(
             reward_fn_path, num_workers=reward_workers, timeout_s=reward_timeout_s, config=reward_pool
         )
-        eos = self.tokenizer.eos_token_id
         self.params = SamplingParams(
             max_new_tokens=config.max_new_tokens,
             temperature=config.temperature,
             top_p=config.top_p,
-            stop_token_ids=(eos,) if eos is not None else (),
+            stop_token_ids=stop_token_ids(self.tokenizer),  # Qwen: <|im_end|> and <|endoftext|>
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

