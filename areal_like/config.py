@@ -95,9 +95,10 @@ class TaskConfig:
     """The prompts and the verifiable reward."""
 
     name: str = "addition"
-    """Built-in task ('addition'); sets the default reward and generates prompts when no files are given."""
+    """Built-in task ('addition', 'calculator', 'math', 'code'); sets the default reward and generates
+    prompts when no files are given."""
     max_operand: int = 9
-    """addition: largest operand."""
+    """addition, calculator: largest operand (calculator: >= 20; operands start at 10)."""
     num_operands: int = 2
     """addition: operands per prompt."""
     modulus: int | None = None
@@ -122,6 +123,9 @@ class TaskConfig:
     """Per-sample reward timeout; a timeout or an exception scores 0 and is counted."""
     reward_workers: int = 1
     """Reward worker processes per rollout worker."""
+    warmup_steps: int = 0
+    """Supervised warm-up steps on the task's demonstrations before RL (calculator: the tool-call
+    format, see areal_like/tasks/calculator.py), written once to run.dir/warmup_model; 0 = none."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -135,6 +139,8 @@ class TaskConfig:
                 raise ValueError(f"task.{name}={getattr(self, name)}: must be >= 1")
         if self.reward_timeout_s <= 0:
             raise ValueError(f"task.reward_timeout_s={self.reward_timeout_s}: must be > 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"task.warmup_steps={self.warmup_steps}: must be >= 0 (0 = no warm-up)")
 
 
 @dataclass
