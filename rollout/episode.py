@@ -236,11 +236,13 @@ class EpisodeRunner:
         try:
             first = await self._env_call(episode, stats, "reset", lambda: env.reset(episode.task), _text_of)
         except _EnvFault:
-            return EpisodeTokens([]).output("error", 0.0, "error", stats)
+            # As a reward function that raises: the sample still exists (one turn on the task's own
+            # text), scored 0 with status 'error', so its group is trained on, not regenerated forever.
+            first, status, env = episode.task.text, "error", None
         tokens = EpisodeTokens(self.chat.prompt_ids(first))
         if not tokens.prompt_ids:
             raise ValueError(f"episode {episode.episode_id}: the environment's first observation is empty")
-        for turn in range(cfg.max_turns):
+        for turn in range(cfg.max_turns if env is not None else 1):
             budget = min(episode.params.max_new_tokens, cfg.max_total_tokens - len(tokens.response_ids))
             if budget < 1:
                 finish = "length"
@@ -252,6 +254,9 @@ class EpisodeRunner:
             stats.sampled_tokens += len(sampled.response_ids)
             if episode.aborted or sampled.finish_reason == "abort":
                 finish = "abort" if episode.aborted else "timeout"
+                break
+            if env is None:
+                finish = "error"
                 break
             try:
                 step = functools.partial(env.step, self._text(sampled))

@@ -228,6 +228,25 @@ def test_a_hanging_a_raising_and_a_garbage_tool_each_end_their_turn_with_a_count
     assert "error: garbage returned int, not text" in env_text
 
 
+class RaisingResetEnv:
+    def reset(self, task):
+        raise RuntimeError("no world today")
+
+    def step(self, action):
+        raise AssertionError("never stepped")
+
+
+def test_an_environment_whose_reset_fails_gives_one_turn_on_the_task_text_scored_as_an_error():
+    runner = runner_for(HFEngine(tiny_model()), "RaisingResetEnv")
+    try:
+        output = runner.submit(TASK, SamplingParams(max_new_tokens=3)).result(timeout_s=30)
+    finally:
+        runner.close()
+    assert (output.finish_reason, output.reward, output.reward_status) == ("error", 0.0, "error")
+    assert output.prompt_ids == TOKENIZER.encode(TASK.text, add_special_tokens=False)
+    assert output.stats.env_errors == 1 and output.loss_mask == [1, 1, 1]
+
+
 class RaisingEnv:
     async def reset(self, task):
         return task.text
