@@ -40,6 +40,9 @@ WARMUP_TOOL_FRACTION = 0.5
 """Share of the warm-up demonstrations that call the calculator; the others guess an answer."""
 ALPHABET = '0123456789+-*/=() abcdefghijklmnopqrstuvwxyz<>_{}":,.'
 """Characters of a character tokenizer that can write calls, tool responses and error messages."""
+TAG_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+"""Added to the tokenizer by the warm-up, one token each, as in Qwen's vocabulary (not 'special':
+decoding keeps them, so the environment reads the calls)."""
 
 
 def calculator_reward(response: str, answer: str) -> float:

@@ -19,11 +19,11 @@ import uuid
 from collections.abc import Callable
 
 from areal_like.config import ConfigError, TaskConfig
-from areal_like.tasks.calculator import Demonstration, warmup_demonstrations
+from areal_like.tasks.calculator import TAG_TOKENS, Demonstration, warmup_demonstrations
 
 logger = logging.getLogger(__name__)
 
-WARMUP_BATCH = 128
+WARMUP_BATCH = 64
 """Demonstrations per warm-up step (packed into rows, so short ones cost little)."""
 WARMUP_LR = 3e-3
 """AdamW learning rate of the warm-up (tiny models from scratch; constant)."""
@@ -35,6 +35,8 @@ matrices of a tiny model several times slower, not faster."""
 
 DEMONSTRATIONS: dict[str, Callable[..., list[Demonstration]]] = {"calculator": warmup_demonstrations}
 """Tasks that have warm-up demonstrations: name -> fn(records, tokenizer, seed)."""
+ADDED_TOKENS: dict[str, tuple[str, ...]] = {"calculator": TAG_TOKENS}
+"""Tokens a task's warm-up adds to the tokenizer (new embedding rows) before it trains."""
 
 
 def warm_up(task_cfg: TaskConfig, model_dir: str, run_dir: str, seed: int) -> str:
@@ -56,6 +58,9 @@ def warm_up(task_cfg: TaskConfig, model_dir: str, run_dir: str, seed: int) -> st
             f"demonstrations (tasks with some: {sorted(DEMONSTRATIONS)}); set task.warmup_steps=0"
         )
     tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir)
+    if tokenizer.add_tokens(list(ADDED_TOKENS.get(task_cfg.name, ()))):
+        model.resize_token_embeddings(len(tokenizer))
     records = make_task(task_cfg).make_prompts("train", WARMUP_PROMPTS, seed)
     demos = DEMONSTRATIONS[task_cfg.name](records, tokenizer, seed)
     samples = [
@@ -71,7 +76,7 @@ def warm_up(task_cfg: TaskConfig, model_dir: str, run_dir: str, seed: int) -> st
     threads_before = torch.get_num_threads()
     torch.set_num_threads(WARMUP_THREADS)
     try:
-        model, log = _train(load_model(model_dir), samples, task_cfg.warmup_steps, seed)
+        model, log = _train(model, samples, task_cfg.warmup_steps, seed)
     finally:
         torch.set_num_threads(threads_before)
     _save(model, tokenizer, out_dir)

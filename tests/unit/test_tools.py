@@ -197,3 +197,65 @@ def test_the_trainer_gives_environment_tokens_no_weight_and_no_gradient_in_packe
     j = micro.sample_index.index(0)
     span = logits.grad[micro.rows[j], micro.starts[j] : micro.starts[j] + 7].abs().sum(-1)
     assert torch.equal(span > 0, torch.from_numpy(mask.astype(bool)))
+
+
+def doc_example() -> dict:
+    """The python block under "### Complete example" in docs/multiturn.md, executed."""
+    text = (ROOT / "docs" / "multiturn.md").read_text()
+    block = text.split("### Complete example", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {"__name__": "multiturn_doc_example"}
+    exec(compile(block, "docs/multiturn.md", "exec"), namespace)
+    return namespace
+
+
+def test_the_documented_example_environments_work_as_documented():
+    example = doc_example()
+    task = PromptRecord("c", "what is the capital of peru?", "lima")
+
+    async def capitals(country: str, answer: str):
+        env = example["CapitalsEnv"](tool_timeout_s=1.0)
+        prompt = await env.reset(task)
+        call = f'<tool_call>{{"name": "lookup", "arguments": {{"country": "{country}"}}}}</tool_call>'
+        return prompt, await env.step(call), await env.step(answer)
+
+    prompt, tool, final = asyncio.run(capitals("peru", "Lima"))
+    assert (
+        "tools: lookup" in prompt
+        and tool.observation == ["lima"]
+        and (final.reward, final.done) == (1.0, True)
+    )
+    _, tool, _ = asyncio.run(capitals("atlantis", "?"))
+    assert tool.tool_errors == 1 and tool.observation[0].startswith("error: lookup failed: KeyError")
+
+    async def guesses(*actions):
+        env = example["GuessEnv"]()
+        await env.reset(PromptRecord("g", "guess my number (1-100):", "42"))
+        return [await env.step(a) for a in actions]
+
+    low, bad, right = asyncio.run(guesses("10", "many", "42"))
+    assert (low.observation, low.reward, low.role) == ("higher", -0.1, "user")
+    assert bad.observation == "say a number" and (right.reward, right.done) == (1.0, True)
+
+
+def test_warm_up_adds_the_tag_tokens_trains_on_masked_demonstrations_and_runs_once(tmp_path):
+    from areal_like.core.models import ModelBuildConfig, build_model, load_tokenizer
+    from areal_like.tasks.warmup import warm_up
+
+    init = build_model(
+        ModelBuildConfig(hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1, alphabet=ALPHABET,
+                         max_position_embeddings=160),
+        str(tmp_path / "init"),
+    )  # fmt: skip
+    task = TaskConfig(name="calculator", max_operand=99, warmup_steps=3)
+    out = warm_up(task, init, str(tmp_path), seed=0)
+    tokenizer = load_tokenizer(out)
+    assert len(tokenizer.encode("<tool_call></tool_response>", add_special_tokens=False)) == 2
+    lines = (tmp_path / "warmup.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    stamp = (Path(out) / "config.json").stat().st_mtime
+    assert (
+        warm_up(task, init, str(tmp_path), seed=0) == out
+        and (Path(out) / "config.json").stat().st_mtime == stamp
+    )
+    with pytest.raises(ValueError, match="task 'addition' has no warm-up demonstrations"):
+        warm_up(TaskConfig(warmup_steps=1), init, str(tmp_path / "other"), seed=0)
