@@ -94,25 +94,32 @@ def _episode_totals(health: list[WorkerHealth]) -> dict[str, float]:
 
 
 def episode_step_metrics(current: dict[str, float], previous: dict[str, float] | None) -> dict[str, float]:
-    """Per-step multi-turn metrics from two steps' run totals (``previous`` None: since the start);
-    empty for single-turn runs."""
+    """Per-step multi-turn metrics from two steps' run totals (``previous`` None: since the start):
+    counts, and per-episode ratios when some episode finished; empty for single-turn runs."""
     if "rollout/episodes_total" not in current:
         return {}
     delta = {key: current[key] - (previous or {}).get(key, 0.0) for key in _EPISODE_TOTALS}
-    episodes = max(delta["rollout/episodes_total"], 1.0)
-    seconds = delta["rollout/env_s_total"] + delta["rollout/episode_generate_s_total"]
-    tokens = delta["rollout/env_tokens_total"] + delta["rollout/sampled_tokens_total"]
-    return {
+    metrics = {
         "rollout/episodes": delta["rollout/episodes_total"],
-        "rollout/turns_per_episode": delta["rollout/episode_turns_total"] / episodes,
-        "rollout/tool_calls_per_episode": delta["rollout/tool_calls_total"] / episodes,
         "rollout/tool_calls": delta["rollout/tool_calls_total"],
         "rollout/tool_errors": delta["rollout/tool_errors_total"],
         "rollout/env_errors": delta["rollout/env_errors_total"],
-        "rollout/env_time_fraction": delta["rollout/env_s_total"] / seconds if seconds > 0 else 0.0,
         "rollout/env_s": delta["rollout/env_s_total"],
         "rollout/episode_generate_s": delta["rollout/episode_generate_s_total"],
         "rollout/sampled_tokens": delta["rollout/sampled_tokens_total"],
         "rollout/env_tokens": delta["rollout/env_tokens_total"],
-        "rollout/env_token_fraction": delta["rollout/env_tokens_total"] / tokens if tokens > 0 else 0.0,
     }
+    episodes = delta["rollout/episodes_total"]
+    if episodes > 0:  # ratios only over episodes that finished (a step may train on buffered ones)
+        seconds = delta["rollout/env_s_total"] + delta["rollout/episode_generate_s_total"]
+        tokens = delta["rollout/env_tokens_total"] + delta["rollout/sampled_tokens_total"]
+        env_s, env_tokens = delta["rollout/env_s_total"], delta["rollout/env_tokens_total"]
+        metrics.update(
+            {
+                "rollout/turns_per_episode": delta["rollout/episode_turns_total"] / episodes,
+                "rollout/tool_calls_per_episode": delta["rollout/tool_calls_total"] / episodes,
+                "rollout/env_time_fraction": env_s / seconds if seconds > 0 else 0.0,
+                "rollout/env_token_fraction": env_tokens / tokens if tokens > 0 else 0.0,
+            }
+        )
+    return metrics

@@ -36,7 +36,7 @@ from rollout.tools import Calculator, ToolEnv
 
 EVAL_FRACTION = 0.2
 """Share of the operand pairs held out for the eval split (by a stable hash)."""
-WARMUP_TOOL_FRACTION = 0.5
+WARMUP_TOOL_FRACTION = 0.2
 """Share of the warm-up demonstrations that call the calculator; the others guess an answer."""
 ALPHABET = '0123456789+-*/=() abcdefghijklmnopqrstuvwxyz<>_{}":,.'
 """Characters of a character tokenizer that can write calls, tool responses and error messages."""

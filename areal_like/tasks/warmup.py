@@ -23,7 +23,7 @@ from areal_like.tasks.calculator import TAG_TOKENS, Demonstration, warmup_demons
 
 logger = logging.getLogger(__name__)
 
-WARMUP_BATCH = 64
+WARMUP_BATCH = 128
 """Demonstrations per warm-up step (packed into rows, so short ones cost little)."""
 WARMUP_LR = 3e-3
 """AdamW learning rate of the warm-up (tiny models from scratch; constant)."""

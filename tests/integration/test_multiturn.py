@@ -158,8 +158,11 @@ def test_train_on_the_multiturn_recipe_logs_tool_calls_per_episode(tmp_path):
         records = [json.loads(line) for line in f if line.strip()]
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
-        for key in ("rollout/tool_calls_per_episode", "rollout/turns_per_episode", "rollout/tool_errors",
-                    "rollout/env_time_fraction", "rollout/env_token_fraction", "reward/mean"):  # fmt: skip
+        for key in ("rollout/tool_calls", "rollout/tool_errors", "rollout/env_s", "rollout/env_tokens"):
             assert key in r, key
-        assert r["rollout/turns_per_episode"] >= 1.0
+    first = records[0]  # its episodes are the first ones finished: the per-episode ratios are there
+    for key in ("rollout/tool_calls_per_episode", "rollout/turns_per_episode", "rollout/env_time_fraction",
+                "rollout/env_token_fraction"):  # fmt: skip
+        assert key in first, key
+    assert first["rollout/turns_per_episode"] >= 1.0
     assert np.isfinite([r["train/loss"] for r in records]).all()

@@ -163,6 +163,8 @@ def test_episode_step_metrics_are_the_differences_of_run_totals_and_absent_for_s
         8.0,
         2.0,
     )
+    idle = episode_step_metrics(later, later)  # no episode finished: counts 0, no ratios
+    assert idle["rollout/episodes"] == 0.0 and "rollout/tool_calls_per_episode" not in idle
     assert episode_step_metrics({"reward/mean": 1.0}, None) == {}
 
 
