@@ -50,7 +50,7 @@ from typing import cast
 import ray
 import torch
 
-from areal_like.core.types import PromptGroup, PromptRecord
+from areal_like.core.types import GenerationOutput, PromptGroup, PromptRecord
 from rollout.config import RolloutConfig
 from rollout.engine import ColocatedEngine, RequestHandle, SamplingParams, make_engine
 from rollout.episode import EpisodeOutput, EpisodeRunner, EpisodeStats
@@ -337,7 +337,7 @@ class RolloutWorker:
             if entry.group.group_id in rejected:
                 continue
             c["samples"] += len(group_outputs)
-            c["interrupted"] += sum(len(set(o.versions)) > 1 for o in group_outputs)
+            c["interrupted"] += sum(len(set(_sampled_versions(o))) > 1 for o in group_outputs)
             self._finish_reasons.update(o.finish_reason for o in group_outputs)
         if rejected:
             logger.info(
@@ -498,3 +498,10 @@ class RolloutWorker:
             self.episodes.close()
         self.rewards.close()
         self.engine.close()
+
+
+def _sampled_versions(output: GenerationOutput) -> list[int]:
+    """Versions of the tokens the engine sampled (a multi-turn output's env tokens carry -1)."""
+    if output.loss_mask is None:
+        return output.versions
+    return [v for v, m in zip(output.versions, output.loss_mask, strict=True) if m]

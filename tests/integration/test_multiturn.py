@@ -121,6 +121,7 @@ def test_a_worker_runs_episodes_through_a_hanging_and_a_raising_tool_and_writes_
     assert health.episodes_done >= len(data)
     assert totals.tool_calls == totals.tool_errors == 2 * health.episodes_done
     assert totals.num_turns == 3 * health.episodes_done and totals.env_errors == 0
+    assert health.interrupted_samples == 0  # env tokens (version -1) are not a second policy version
 
 
 def test_train_on_the_multiturn_recipe_logs_tool_calls_per_episode(tmp_path):
