@@ -102,9 +102,10 @@ class TaskConfig:
     """The prompts and the verifiable reward."""
 
     name: str = "addition"
-    """Built-in task ('addition'); sets the default reward and generates prompts when no files are given."""
+    """Built-in task ('addition', 'calculator', 'math', 'code'); sets the default reward and generates
+    prompts when no files are given."""
     max_operand: int = 9
-    """addition: largest operand."""
+    """addition, calculator: largest operand (calculator: >= 20; operands start at 10)."""
     num_operands: int = 2
     """addition: operands per prompt."""
     modulus: int | None = None
@@ -150,6 +151,9 @@ class TaskConfig:
     max_prompt_tokens: int | None = None
     """Drop prompts longer than this many tokens (after the templates) from both sets, counted in
     the log; None keeps every prompt."""
+    warmup_steps: int = 0
+    """Supervised warm-up steps on the task's demonstrations before RL (calculator: the tool-call
+    format, see areal_like/tasks/calculator.py), written once to run.dir/warmup_model; 0 = none."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -177,6 +181,8 @@ class TaskConfig:
             )
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"task.max_prompt_tokens={self.max_prompt_tokens}: must be >= 1 or null")
+        if self.warmup_steps < 0:
+            raise ValueError(f"task.warmup_steps={self.warmup_steps}: must be >= 0 (0 = no warm-up)")
 
 
 @dataclass

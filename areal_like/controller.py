@@ -54,7 +54,7 @@ from areal_like.metrics import (
 from areal_like.prompts import PromptRecords, PromptSets, tokenize_prompts
 from areal_like.run_lock import RunLock
 from areal_like.staleness import min_allowed_version
-from areal_like.step_metrics import step_metrics
+from areal_like.step_metrics import episode_step_metrics, step_metrics
 from areal_like.stop import StopRequest
 from areal_like.weight_sync import WeightSync
 from datastore import make_datastore
@@ -120,6 +120,8 @@ class RLController:
         """The rollout workers built at start (replacements are the supervisor's)."""
         self._owns_ray: bool = False
         self._metrics: MetricsLogger | None = None
+        self._previous_metrics: dict[str, float] | None = None
+        """The last step's metrics (per-step rates come from differences of run totals)."""
         # Set by ``run`` and ``build`` before the loop uses them; ``shutdown`` copes with a build
         # that failed halfway (it reads these with getattr).
         self.prompt_records: PromptRecords
@@ -202,7 +204,7 @@ class RLController:
 
     def build(self) -> None:
         cfg = self.config
-        self.model_path = launch.resolve_model_path(cfg.model, self.run_dir)
+        self.model_path = launch.resolve_model_path(cfg.model, self.run_dir, cfg.task, cfg.run.seed)
         self.prompts = tokenize_prompts(self.prompt_records, self.model_path)
         self.store = make_datastore(cfg.datastore)
         self.dispatcher = (
@@ -422,6 +424,8 @@ class RLController:
             len(batch),
             {"wait_batch": wait_s, "train": train_s, "weight_sync": sync_s, "checkpoint": save_s},
         )
+        metrics.update(episode_step_metrics(metrics, self._previous_metrics))
+        self._previous_metrics = dict(metrics)
         metrics.update(self.rollout.metrics())
         metrics.update(self.store.stats().as_metrics())
         metrics["train/group_split_imbalance"] = self.split_imbalance

@@ -9,7 +9,7 @@ import os
 import ray
 
 from areal_like import placement
-from areal_like.config import Config, ConfigError, ModelConfig
+from areal_like.config import Config, ConfigError, ModelConfig, TaskConfig
 from rollout.samples import ForcedLengths
 from rollout.worker import RolloutWorker
 from trainer.worker import TrainerRank
@@ -17,18 +17,24 @@ from trainer.worker import TrainerRank
 logger = logging.getLogger(__name__)
 
 
-def resolve_model_path(cfg: ModelConfig, run_dir: str) -> str:
-    """``model.path`` when given (a local HF dir), else a model built once into run_dir/init_model."""
+def resolve_model_path(cfg: ModelConfig, run_dir: str, task: TaskConfig | None = None, seed: int = 0) -> str:
+    """``model.path`` when given (a local HF dir), else a model built once into run_dir/init_model;
+    then, when ``task.warmup_steps`` > 0, that model after the task's warm-up (run_dir/warmup_model)."""
     if cfg.path is not None:
         if not os.path.isdir(cfg.path):
             raise ConfigError(f"model.path={cfg.path!r} is not a directory (a local HF model dir)")
-        return os.path.abspath(cfg.path)
-    from areal_like.core.models import build_model
+        path = os.path.abspath(cfg.path)
+    else:
+        from areal_like.core.models import build_model
 
-    path = os.path.join(run_dir, "init_model")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        build_model(cfg.build, path)
-        logger.info("built a new model from model.build into %s", path)
+        path = os.path.join(run_dir, "init_model")
+        if not os.path.exists(os.path.join(path, "config.json")):
+            build_model(cfg.build, path)
+            logger.info("built a new model from model.build into %s", path)
+    if task is not None and task.warmup_steps > 0:
+        from areal_like.tasks.warmup import warm_up
+
+        path = warm_up(task, path, run_dir, seed)
     return path
 
 

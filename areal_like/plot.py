@@ -28,8 +28,13 @@ def plot_run(run_dir: str, out_path: str | None = None) -> str:
     ax.plot(*series(steps, "reward/mean"), label="train reward (batch mean)")
     if evals:
         ax.plot(*series(evals, "eval/accuracy"), "o-", label="held-out accuracy (greedy)")
+    top = 1.02
+    if any("rollout/tool_calls_per_episode" in r for r in steps):  # multi-turn runs
+        calls = series(steps, "rollout/tool_calls_per_episode")
+        ax.plot(*calls, alpha=0.6, label="tool calls per episode")
+        top = max(top, max(calls[1], default=0.0) + 0.05)
     ax.set_title("reward")
-    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylim(-0.02, top)
     ax.legend()
     ax = axes[0][1]
     ax.plot(*series(steps, "staleness/max"), label="max")

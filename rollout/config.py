@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from rollout.env import EpisodeConfig
+
 if TYPE_CHECKING:
     from rollout.engine import EngineConfig
 
@@ -99,6 +101,9 @@ class RolloutConfig:
     """torch intra-op threads per worker (keep workers x threads within the machine's cores)."""
     weight_update_timeout_s: float = 120.0
     """How long a weight update may wait for an engine before the run fails naming it."""
+    episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+    """Multi-turn episodes with an environment (tools); off unless ``episode.env`` is set. Then
+    ``max_new_tokens`` caps each model turn and the environment gives the reward."""
 
     def engine_config(self, model_path: str = "", seed: int = 0) -> EngineConfig:
         """The ``EngineConfig`` of one worker's engine (``model_path``: a local HF directory)."""

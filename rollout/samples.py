@@ -3,9 +3,10 @@
 Pure functions over records, used by the rollout worker (``rollout/worker.py``) once every sample
 of a prompt group has finished and been scored:
 - ``build_group_writes`` turns the group's outputs and rewards into ``SampleWrite`` records: the
-  training columns of ``Trajectory`` plus one ``sample_meta`` column (``SAMPLE_META_DTYPE``) that
-  says which engine made the sample, its token versions and lengths, why it ended and how long
-  it took. Trainers ignore the column; analysis reads it back with ``SampleMetadata.from_column``.
+  training columns of ``Trajectory`` (with the loss mask of multi-turn episodes) plus one
+  ``sample_meta`` column (``SAMPLE_META_DTYPE``) that says which engine made the sample, its token
+  versions and lengths, its turns, why it ended and how long it took. Trainers ignore the
+  column; analysis reads it back with ``SampleMetadata.from_column``.
 - ``rewards_all_equal`` is the dynamic-sampling rule (DAPO): a group whose rewards are all equal
   has zero advantage everywhere, so it teaches nothing and is dropped (and counted) before it
   reaches the datastore; the staleness gate then frees its slot, so the batch is refilled.
@@ -15,6 +16,7 @@ of a prompt group has finished and been scored:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -40,6 +42,8 @@ SAMPLE_META_DTYPE = np.dtype(
         ("finish_reason", "U8"),
         ("reward_status", "U8"),
         ("latency_s", np.float32),
+        ("num_turns", np.int32),
+        ("env_tokens", np.int32),
     ]
 )
 
@@ -59,7 +63,7 @@ class SampleMetadata:
     """Policy version of the oldest response token (-1 for an empty response)."""
     version_max: int
     num_versions: int
-    """Distinct versions among the response tokens: > 1 means a weight update interrupted it."""
+    """Distinct versions among the sampled response tokens: > 1 means a weight update interrupted it."""
     admitted_version: int
     """Policy version when the staleness gate admitted the group."""
     finish_reason: str
@@ -67,7 +71,11 @@ class SampleMetadata:
     reward_status: str
     """'ok', 'error' or 'timeout' (see ``RewardResult``)."""
     latency_s: float
-    """Seconds from submit to the engine until the request finished."""
+    """Seconds from submit to the engine until the request (or the whole episode) finished."""
+    num_turns: int = 1
+    """Model turns of the episode (1 for single-turn)."""
+    env_tokens: int = 0
+    """Response tokens the environment appended (loss mask 0); 0 for single-turn."""
 
     def column(self) -> np.ndarray:
         """This record as a structured array [1] of ``SAMPLE_META_DTYPE``."""
@@ -85,20 +93,27 @@ def build_group_writes(
     scores: list[RewardResult],
     latencies_s: list[float],
     engine_id: int,
+    episodes: list[EpisodeShape] | None = None,
 ) -> list[SampleWrite]:
-    """One ``SampleWrite`` per sample of ``group``: training columns plus the ``sample_meta`` column."""
+    """One ``SampleWrite`` per sample of ``group``: training columns plus the ``sample_meta`` column.
+
+    ``episodes`` (multi-turn only): each sample's own prompt ids and turn count; the outputs then
+    carry a ``loss_mask`` (0 on environment tokens). None: every prompt is the group's."""
     assert len(outputs) == len(scores) == len(latencies_s) == group.num_samples, (
         len(outputs),
         len(scores),
         group.num_samples,
     )
+    assert episodes is None or len(episodes) == group.num_samples
     writes = []
     for index, (output, score, latency_s) in enumerate(zip(outputs, scores, latencies_s, strict=True)):
+        shape = episodes[index] if episodes is not None else EpisodeShape(group.prompt_ids, 1)
+        loss_mask = None if output.loss_mask is None else np.asarray(output.loss_mask, dtype=np.int8)
         trajectory = Trajectory(
             group_id=group.group_id,
             index=index,
             group_size=group.num_samples,
-            prompt_ids=np.asarray(group.prompt_ids, dtype=np.int64),
+            prompt_ids=np.asarray(shape.prompt_ids, dtype=np.int64),
             response_ids=np.asarray(output.response_ids, dtype=np.int64),
             behav_logprobs=np.asarray(output.logprobs, dtype=np.float32),
             versions=np.asarray(output.versions, dtype=np.int64),
@@ -106,25 +121,38 @@ def build_group_writes(
             finish_reason=output.finish_reason,
             engine_id=engine_id,
             reward_status=score.status,
+            loss_mask=loss_mask,
         )
         meta = SampleMetadata(
             engine_id=engine_id,
             group_id=group.group_id,
             index=index,
-            prompt_len=len(group.prompt_ids),
+            prompt_len=len(shape.prompt_ids),
             response_len=len(output.response_ids),
             version_min=trajectory.min_version,
             version_max=trajectory.max_version,
-            num_versions=len(set(output.versions)),
+            num_versions=len(set(trajectory.sampled_versions.tolist())),
             admitted_version=group.admitted_version,
             finish_reason=output.finish_reason,
             reward_status=score.status,
             latency_s=latency_s,
+            num_turns=shape.num_turns,
+            env_tokens=0 if loss_mask is None else int((loss_mask == 0).sum()),
         )
         write = trajectory.sample_write()
         write.columns[META_COLUMN] = meta.column()
         writes.append(write)
     return writes
+
+
+@dataclass(frozen=True)
+class EpisodeShape:
+    """What a multi-turn sample has of its own: the prompt the environment's ``reset`` gave it."""
+
+    prompt_ids: Sequence[int]
+    """Prompt token ids [P] of this sample (an episode's first observation, chat-formatted)."""
+    num_turns: int
+    """Model turns in the episode."""
 
 
 def rewards_all_equal(scores: list[RewardResult]) -> bool:

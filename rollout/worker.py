@@ -27,6 +27,11 @@ so ``health`` never misses a group the dispatcher gave this worker; ``_write_loc
 retired check before a ``put`` until the matching ``finish``, so a group is either written and
 finished or handed back, never both. ``health`` takes only ``_lock``, briefly: a ``put`` blocked on
 a full datastore does not make the worker look dead.
+Multi-turn (``rollout.episode.env`` set): each sample is an episode run by an ``EpisodeRunner``
+(``rollout/episode.py``) on its own asyncio thread, which takes turns between this worker's engine
+and an environment; its handle stands where a request's would, so groups, retirement and hand-back
+work as above. The environment gives the reward (the reward pool is not used) and the episode's
+trajectory carries a loss mask (0 on environment tokens).
 Shutdown: ``stop`` sets an event; the loop aborts its requests, hands its groups back and exits.
 """
 
@@ -46,11 +51,18 @@ from typing import cast
 import ray
 import torch
 
-from areal_like.core.types import PromptGroup, PromptRecord
+from areal_like.core.types import GenerationOutput, PromptGroup, PromptRecord
 from rollout.config import RolloutConfig
 from rollout.engine import ColocatedEngine, RequestHandle, SamplingParams, make_engine
-from rollout.rewards import RewardPool, RewardPoolConfig, RewardsCancelled
-from rollout.samples import ForcedLengths, build_group_writes, forced_length, rewards_all_equal
+from rollout.episode import EpisodeOutput, EpisodeRunner, EpisodeStats
+from rollout.rewards import RewardPool, RewardPoolConfig, RewardResult, RewardsCancelled
+from rollout.samples import (
+    EpisodeShape,
+    ForcedLengths,
+    build_group_writes,
+    forced_length,
+    rewards_all_equal,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +110,10 @@ class WorkerHealth:
     waiting_requests: int = 0
     retired: str | None = None
     """Why the worker took itself out of rotation; None while it is in rotation."""
+    episodes_done: int = 0
+    """Multi-turn episodes finished (in groups that left this worker finished)."""
+    episode_totals: EpisodeStats = field(default_factory=EpisodeStats)
+    """Counters of those episodes summed: turns, tool calls and errors, tokens, seconds."""
 
 
 @dataclass
@@ -149,6 +165,9 @@ class RolloutWorker:
         self.rewards = RewardPool(
             reward_fn_path, num_workers=reward_workers, timeout_s=reward_timeout_s, config=reward_pool
         )
+        self.episodes = (
+            EpisodeRunner(self.engine, self.tokenizer, config.episode) if config.episode.enabled else None
+        )
         self.params = SamplingParams(
             max_new_tokens=config.max_new_tokens,
             temperature=config.temperature,
@@ -167,6 +186,7 @@ class RolloutWorker:
         self._counters: collections.Counter[str] = collections.Counter()
         self._seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
         self._finish_reasons: collections.Counter[str] = collections.Counter()
+        self._episode_totals = EpisodeStats()
 
     # ---- rollout loop --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -228,9 +248,11 @@ class RolloutWorker:
             for group in groups:
                 entry = self._groups[group.group_id] = _GroupInFlight(group)
                 for index in range(group.num_samples):
-                    handle = self.engine.submit(
-                        list(group.prompt_ids), self._params_for(group.group_id, index)
-                    )
+                    params = self._params_for(group.group_id, index)
+                    if self.episodes is not None:
+                        handle = self.episodes.submit(group.prompt, params)
+                    else:
+                        handle = self.engine.submit(list(group.prompt_ids), params)
                     handle.add_done_callback(functools.partial(self._on_request_done, group.group_id))
                     entry.handles.append(handle)
         if not groups and not self._groups:
@@ -274,13 +296,17 @@ class RolloutWorker:
             ready = [e for e in ready if e not in aborted]
             if not ready:
                 return
-        items = [
-            (self._decode(o.response_ids), e.group.prompt.answer)
-            for e in ready
-            for o in outputs[e.group.group_id]
-        ]
         start = time.perf_counter()
-        scores = self.rewards.score(items)
+        if self.episodes is not None:  # the environment scored every episode
+            episodes = [cast(EpisodeOutput, o) for e in ready for o in outputs[e.group.group_id]]
+            scores = [RewardResult(o.reward, o.reward_status) for o in episodes]
+        else:
+            items = [
+                (self._decode(o.response_ids), e.group.prompt.answer)
+                for e in ready
+                for o in outputs[e.group.group_id]
+            ]
+            scores = self.rewards.score(items)
         self._seconds["reward_s"] += time.perf_counter() - start
 
         writes, accepted, rejected, offset = [], [], [], 0
@@ -292,7 +318,13 @@ class RolloutWorker:
                 rejected.append(group.group_id)
                 continue
             latencies = [h.finished_s() - h.submitted_at for h in entry.handles]
-            writes.extend(build_group_writes(group, group_outputs, group_scores, latencies, self.worker_id))
+            shapes = None
+            if self.episodes is not None:
+                episodes = [cast(EpisodeOutput, o) for o in group_outputs]
+                shapes = [EpisodeShape(o.prompt_ids, o.stats.num_turns) for o in episodes]
+            writes.extend(
+                build_group_writes(group, group_outputs, group_scores, latencies, self.worker_id, shapes)
+            )
             accepted.append(group.group_id)
         with self._write_lock:
             if self._retired is not None:  # these groups were handed back: never write them
@@ -315,10 +347,12 @@ class RolloutWorker:
             )
             group_outputs = outputs[entry.group.group_id]
             c["tokens"] += sum(len(o.response_ids) for o in group_outputs)
+            if self.episodes is not None:
+                self._count_episodes([cast(EpisodeOutput, o) for o in group_outputs])
             if entry.group.group_id in rejected:
                 continue
             c["samples"] += len(group_outputs)
-            c["interrupted"] += sum(len(set(o.versions)) > 1 for o in group_outputs)
+            c["interrupted"] += sum(len(set(_sampled_versions(o))) > 1 for o in group_outputs)
             self._finish_reasons.update(o.finish_reason for o in group_outputs)
         if rejected:
             logger.info(
@@ -327,6 +361,13 @@ class RolloutWorker:
                 len(rejected),
                 len(ready),
             )
+
+    def _count_episodes(self, episodes: list[EpisodeOutput]) -> None:
+        totals = self._episode_totals
+        self._counters["episodes"] += len(episodes)
+        for episode in episodes:
+            for name, value in dataclasses.asdict(episode.stats).items():
+                setattr(totals, name, getattr(totals, name) + value)
 
     def _decode(self, response_ids: list[int]) -> str:
         ids = [t for t in response_ids if t not in self.params.stop_token_ids]
@@ -347,7 +388,11 @@ class RolloutWorker:
     def _hand_back_entries(self, entries: list[_GroupInFlight], why: str) -> None:
         if not entries:
             return
-        self.engine.abort([h.request_id for e in entries for h in e.handles])
+        request_ids = [h.request_id for e in entries for h in e.handles]
+        if self.episodes is not None:
+            self.episodes.abort(request_ids)
+        else:
+            self.engine.abort(request_ids)
         group_ids = [e.group.group_id for e in entries]
         ray.get(self.dispatcher.abandon.remote(group_ids), timeout=_RPC_TIMEOUT_S)
         self._counters["groups_abandoned"] += len(group_ids)
@@ -411,6 +456,10 @@ class RolloutWorker:
             temperature=0.0,
             stop_token_ids=self.params.stop_token_ids,
         )
+        if self.episodes is not None:  # greedy episodes, scored by their environment
+            episodes = self.episodes.generate(records, params, timeout_s=_EVAL_TIMEOUT_S)
+            texts = [self._decode(o.response_ids) for o in episodes]
+            return EvalResult([r.prompt_id for r in records], [o.reward for o in episodes], texts)
         outputs = self.engine.generate(prompt_ids, params, timeout_s=_EVAL_TIMEOUT_S)
         texts = [self._decode(o.response_ids) for o in outputs]
         scores = self.rewards.score([(text, r.answer) for text, r in zip(texts, records, strict=True)])
@@ -456,9 +505,20 @@ class RolloutWorker:
             running_requests=load.running_requests,
             waiting_requests=load.waiting_requests,
             retired=self._retired,
+            episodes_done=c["episodes"],
+            episode_totals=dataclasses.replace(self._episode_totals),
         )
 
     def close(self) -> None:
         self.stop()
+        if self.episodes is not None:
+            self.episodes.close()
         self.rewards.close()
         self.engine.close()
+
+
+def _sampled_versions(output: GenerationOutput) -> list[int]:
+    """Versions of the tokens the engine sampled (a multi-turn output's env tokens carry -1)."""
+    if output.loss_mask is None:
+        return output.versions
+    return [v for v, m in zip(output.versions, output.loss_mask, strict=True) if m]

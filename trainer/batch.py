@@ -6,6 +6,9 @@ length P and response length Rs placed at row offset o has its response targets 
 o + P - 1 ... o + P + Rs - 2 (its "span").
 
 - Padded micro-batch: one sample per row, right-padded, with an attention mask.
+- Loss mask: 1 on the response tokens the policy sampled; a multi-turn response also holds
+  environment tokens (tool results, chat glue) that are inputs and targets like any other token
+  but get 0, so they are never trained. Advantages still run over the whole response span.
 - Packed micro-batch: several samples per row back to back, position ids restarting at 0 for each
   and no attention mask; transformers then builds a block-diagonal causal mask (sdpa/eager) or
   variable-length kernels (flash-attention), so no token attends across samples. Rows are padded
@@ -32,10 +35,22 @@ class SequenceSample:
     """float32 [Rs] engine log-probs of the response tokens."""
     versions: np.ndarray
     """int64 [Rs] policy version per response token."""
+    loss_mask: np.ndarray | None = None
+    """[Rs] 1 on model-sampled tokens, 0 on environment tokens; None = all sampled (single-turn)."""
 
     @property
     def num_response_tokens(self) -> int:
         return len(self.response_ids)
+
+    def response_loss_mask(self) -> torch.Tensor:
+        """float32 [Rs] the loss mask (all ones when the sample has none)."""
+        if self.loss_mask is None:
+            return torch.ones(self.num_response_tokens)
+        assert len(self.loss_mask) == self.num_response_tokens, (
+            len(self.loss_mask),
+            self.num_response_tokens,
+        )
+        return torch.from_numpy(np.asarray(self.loss_mask, dtype=np.float32))
 
     @property
     def length(self) -> int:
@@ -48,7 +63,10 @@ class ResponseLayout:
     """All samples of a rank as one response-only rectangle, for per-token advantage math."""
 
     mask: torch.Tensor
-    """float32 [N, R] 1 on response tokens."""
+    """float32 [N, R] 1 on response tokens (the span advantages run over)."""
+    loss_mask: torch.Tensor
+    """float32 [N, R] 1 on model-sampled response tokens (what the loss trains); equals ``mask``
+    for single-turn samples."""
     behav_logp: torch.Tensor
     """float32 [N, R]"""
     versions: torch.Tensor
@@ -61,14 +79,16 @@ class ResponseLayout:
         lengths = [s.num_response_tokens for s in samples]
         n, r = len(samples), max(lengths, default=0)
         mask = torch.zeros(n, max(r, 1))
+        loss_mask = torch.zeros(n, max(r, 1))
         behav = torch.zeros(n, max(r, 1))
         versions = torch.full((n, max(r, 1)), -1, dtype=torch.long)
         for i, s in enumerate(samples):
             k = lengths[i]
             mask[i, :k] = 1.0
+            loss_mask[i, :k] = s.response_loss_mask()
             behav[i, :k] = torch.from_numpy(np.asarray(s.behav_logprobs, dtype=np.float32))
             versions[i, :k] = torch.from_numpy(np.asarray(s.versions, dtype=np.int64))
-        return cls(mask, behav, versions, lengths)
+        return cls(mask, loss_mask, behav, versions, lengths)
 
     def zeros(self) -> torch.Tensor:
         return torch.zeros_like(self.mask)
@@ -87,7 +107,7 @@ class MicroBatch:
     targets: torch.Tensor
     """int64 [B, L] next-token ids (0 where padded)."""
     loss_mask: torch.Tensor
-    """float32 [B, L] 1 on response targets."""
+    """float32 [B, L] 1 on model-sampled response targets (0 on environment tokens and padding)."""
     sample_index: list[int]
     """Rank-local index of each sample in the micro-batch (row of the ResponseLayout)."""
     rows: list[int]
@@ -156,7 +176,7 @@ def collate(samples: list[SequenceSample], indices: list[int], pad_id: int = 0) 
         attention_mask[row, : lengths[row]] = 1
         targets[row, : lengths[row]] = seq[1:]
         start = len(s.prompt_ids) - 1
-        loss_mask[row, start : start + s.num_response_tokens] = 1.0
+        loss_mask[row, start : start + s.num_response_tokens] = s.response_loss_mask()
         starts.append(start)
         spans.append(s.num_response_tokens)
     position_ids = torch.arange(t).expand(n, t).clone()
@@ -215,7 +235,7 @@ def collate_packed(
             targets[r, offset : offset + n] = seq[1:]
             position_ids[r, offset : offset + n] = torch.arange(n)
             start = offset + len(s.prompt_ids) - 1
-            loss_mask[r, start : start + s.num_response_tokens] = 1.0
+            loss_mask[r, start : start + s.num_response_tokens] = s.response_loss_mask()
             sample_index.append(i)
             rows.append(r)
             starts.append(start)

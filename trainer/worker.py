@@ -155,10 +155,10 @@ class TrainerRank:
         kl_reward = None
         if ref is not None and cfg.kl.placement == "reward":
             old_logp = prox if prox is not None else layout.behav_logp
-            kl_reward = kl_estimate(old_logp, ref, cfg.kl.estimator) * layout.mask
+            kl_reward = kl_estimate(old_logp, ref, cfg.kl.estimator) * layout.loss_mask
         advantages, returns = token_advantages(scores, layout.mask, cfg, kl_reward, values)
         if cfg.adv_batch_norm:
-            advantages = self._global_normalize(advantages, layout.mask)
+            advantages = self._global_normalize(advantages, layout.loss_mask)
         weights = self._token_weights(minibatches, layout)
         t2 = time.perf_counter()
 
@@ -227,7 +227,9 @@ class TrainerRank:
         for i in mine:
             c = have[metas[i].sample_id]
             samples.append(
-                SequenceSample(c["prompt_ids"], c["response_ids"], c["behav_logprobs"], c["versions"])
+                SequenceSample(
+                    c["prompt_ids"], c["response_ids"], c["behav_logprobs"], c["versions"], c["loss_mask"]
+                )
             )
         batch_stats = dict(
             reward_mean=float(rewards.mean()) if len(rewards) else 0.0,
@@ -280,16 +282,17 @@ class TrainerRank:
         return out
 
     def _token_weights(self, minibatches: list[_Minibatch], layout: ResponseLayout) -> torch.Tensor:
-        """Loss weight of every response token, normalised over its global minibatch."""
+        """Loss weight of every model-sampled response token (0 on environment tokens), normalised
+        over its global minibatch."""
         local = []
         for mb in minibatches:
-            local += [float(layout.mask[mb.sample_index].sum()), float(len(mb.sample_index))]
+            local += [float(layout.loss_mask[mb.sample_index].sum()), float(len(mb.sample_index))]
         totals = self._all_reduce(local, dist.ReduceOp.SUM)
         weights = layout.zeros()
         for m, mb in enumerate(minibatches):
             if mb.sample_index:
                 weights[mb.sample_index] = loss_token_weights(
-                    layout.mask[mb.sample_index],
+                    layout.loss_mask[mb.sample_index],
                     self.config.loss_agg,
                     totals[2 * m],
                     totals[2 * m + 1],

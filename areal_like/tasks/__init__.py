@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from areal_like.tasks.arithmetic import AdditionTask
 from areal_like.tasks.base import Task
+from areal_like.tasks.calculator import CalculatorTask
 from areal_like.tasks.files import CODE, MATH, FileTask
 
 if TYPE_CHECKING:
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 
 TASKS: dict[str, Task] = {
     "addition": AdditionTask(),
+    "calculator": CalculatorTask(),
     "math": MATH,
     "code": CODE,
 }
@@ -27,6 +29,7 @@ _BUILDERS: dict[str, Callable[[TaskConfig], Task]] = {
     "addition": lambda cfg: AdditionTask(
         max_operand=cfg.max_operand, num_operands=cfg.num_operands, modulus=cfg.modulus
     ),
+    "calculator": lambda cfg: CalculatorTask(max_operand=cfg.max_operand),
     "math": lambda cfg: MATH,
     "code": lambda cfg: CODE,
 }
@@ -42,10 +45,10 @@ def get_task(name: str) -> Task:
 
 def make_task(cfg: TaskConfig) -> Task:
     """The task ``cfg.name`` built with the config's parameters (addition: max_operand, num_operands;
-    math and code take their prompts from task.train_path/eval_path)."""
+    calculator: max_operand; math and code take their prompts from task.train_path/eval_path)."""
     if cfg.name not in _BUILDERS:
         raise ValueError(f"task.name={cfg.name!r} is unknown; known tasks: {sorted(_BUILDERS)}")
     return _BUILDERS[cfg.name](cfg)
 
 
-__all__ = ["TASKS", "AdditionTask", "FileTask", "Task", "get_task", "make_task"]
+__all__ = ["TASKS", "AdditionTask", "CalculatorTask", "FileTask", "Task", "get_task", "make_task"]

@@ -93,6 +93,7 @@ def make_batch(num_groups=4, group_size=4, seed=0, vocab=20):
                 behav_logprobs=(-rng.random(r) * 3 - 1.5).astype(np.float32),
                 versions=rng.integers(0, 2, r).astype(np.int64),
                 reward=np.asarray([float(rng.integers(0, 2))], dtype=np.float32),
+                loss_mask=np.ones(r, dtype=np.int8),  # single-turn: every response token sampled
             )
             metas.append(Meta(sample_id=sid, group_id=g, length=len(prompt) + r, seq=len(metas)))
     return DictStore(data), metas

@@ -13,7 +13,7 @@ from rollout.rewards import resolve_reward_fn
 
 def test_get_task_lists_known_names_for_an_unknown_one():
     assert get_task("addition") is TASKS["addition"]
-    with pytest.raises(ValueError, match=r"'nope'.*\['addition', 'code', 'math'\]"):
+    with pytest.raises(ValueError, match=r"'nope'.*\['addition', 'calculator', 'code', 'math'\]"):
         get_task("nope")
 
 
@@ -60,6 +60,7 @@ def test_addition_reward_is_exact_match_up_to_eos():
 
 CORRECT_EXAMPLES = {
     "addition": ("1", "1"),
+    "calculator": ("56088", "56088"),
     "math": ("\\boxed{1}", "1"),
     "code": ("print(1)", '{"tests": [{"input": "", "output": "1"}]}'),
 }
