@@ -54,11 +54,11 @@ def _job(port, model_dir, ckpt_dir, out):
 
 def test_a_background_checkpoint_resumes_exactly(tmp_path):
     from areal_like.core.models import ModelBuildConfig, build_model
-    from tests.integration.test_trainer_dist import _free_port
+    from areal_like.core.net import free_port
 
     tiny = ModelBuildConfig(hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1)
     model_dir = build_model(tiny, str(tmp_path / "model"))
-    result = _run([(_job, (_free_port(), model_dir, str(tmp_path / "ckpt")))])["async"]
+    result = _run([(_job, (free_port("127.0.0.1"), model_dir, str(tmp_path / "ckpt")))])["async"]
     progress = result["progress"]
     assert progress.error is None
     names = sorted(f.path.rsplit("/", 2)[-2] + "/" + f.path.rsplit("/", 1)[-1] for f in progress.files)

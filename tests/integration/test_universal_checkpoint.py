@@ -18,7 +18,8 @@ import torch
 import torch.multiprocessing as mp
 
 from areal_like.checkpoint_universal import to_universal
-from tests.integration.test_trainer_dist import _free_port, _rank, make_batch
+from areal_like.core.net import free_port
+from tests.integration.test_trainer_dist import _rank, make_batch
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +91,7 @@ def _run(jobs, timeout_s=480):
 
 def _jobs(fn, name, model_dir, directory):
     world, _ = LAYOUTS[name]
-    port = _free_port()
+    port = free_port("127.0.0.1")
     return [(fn, (name, rank, port, model_dir, directory)) for rank in range(world)]
 
 
