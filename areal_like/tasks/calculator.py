@@ -6,10 +6,10 @@ environment (``CalculatorEnv``, a ``ToolEnv`` with the ``Calculator``) runs the 
 rewards the final answer (a turn without a call) by exact match. A solved episode, in the plain
 chat format of the character tokenizer (``rollout.chat``), reads:
 
-    prompt   123*45=
-    model    <tool_call>{"name":"calculator","arguments":{"expression":"123*45"}}</tool_call><eos>
-    env      <tool_response>5535</tool_response>
-    model    5535<eos>
+    prompt   123*456=
+    model    <tool_call>{"name":"calculator","arguments":{"expression":"123*456"}}</tool_call><eos>
+    env      <tool_response>56088</tool_response>
+    model    56088<eos>
 
 A model of a few hundred thousand parameters cannot multiply in its head (a direct guess almost
 never matches), so the reward rises only when the policy calls the tool with the prompt's expression

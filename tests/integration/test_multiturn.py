@@ -67,7 +67,7 @@ class FaultyToolsEnv(ToolEnv):
 def model_dir(tmp_path_factory):
     cfg = ModelBuildConfig(
         hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1, alphabet=ALPHABET,
-        max_position_embeddings=160,
+        max_position_embeddings=256,
     )  # fmt: skip
     return build_model(cfg, str(tmp_path_factory.mktemp("model") / "tiny"))
 
@@ -85,7 +85,7 @@ def test_a_worker_runs_episodes_through_a_hanging_and_a_raising_tool_and_writes_
     )
     store = make_datastore(DataStoreConfig(num_storage_units=1))
     episode = EpisodeConfig(
-        env=f"{__name__}:FaultyToolsEnv", env_args={"tool_timeout_s": 0.2}, max_turns=3, max_total_tokens=120
+        env=f"{__name__}:FaultyToolsEnv", env_args={"tool_timeout_s": 0.2}, max_turns=3, max_total_tokens=200
     )
     config = RolloutConfig(
         group_size=GROUP_SIZE, max_new_tokens=6, groups_per_generate=GROUPS, episode=episode
@@ -100,8 +100,8 @@ def test_a_worker_runs_episodes_through_a_hanging_and_a_raising_tool_and_writes_
         columns = ["response_ids", "versions", "loss_mask", "behav_logprobs", META_COLUMN]
         batch = store.get_batch_meta("test", columns, GROUPS, min_version=None, timeout_s=120)
         data = store.get_data(batch.samples, columns)
-        health = ray.get(worker.health.remote(), timeout=30)
         assert ray.get(worker.stop.remote(), timeout=60)
+        health = ray.get(worker.health.remote(), timeout=30)  # after the loop ended: counters complete
     finally:
         store.shutdown()
         for handle in (worker, dispatcher):
