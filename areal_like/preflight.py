@@ -226,10 +226,10 @@ def check_model(config: Config) -> tuple[object, int | None]:
 
     cfg = config.model
     if cfg.path is None:
-        from areal_like.core.tokenizer import build_char_tokenizer
+        from areal_like.core.models import make_tokenizer  # the tokenizer build_model will write
 
         context = cfg.build.max_position_embeddings
-        return build_char_tokenizer(cfg.build.alphabet), _engine_context(config, context)
+        return make_tokenizer(cfg.build), _engine_context(config, context)
     path = cfg.path
     if not os.path.isdir(path):
         raise ConfigError(

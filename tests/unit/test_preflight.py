@@ -168,3 +168,14 @@ def test_a_code_reward_without_bubblewrap_is_refused_unless_the_weak_sandbox_is_
         check_run(load_config(QUICKSTART, code))
     check_run(load_config(QUICKSTART, [*code, "task.sandbox=weak"]))
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_built_model_is_checked_with_the_tokenizer_it_will_be_built_with(tmp_path):
+    # A Qwen-vocabulary build must not be judged by the character tokenizer (which cannot encode
+    # ordinary English prompts).
+    from areal_like.preflight import check_model
+
+    cfg = load_config(QUICKSTART, [f"run.dir={tmp_path / 'run'}", "model.build.tokenizer=qwen"])
+    tokenizer, _ = check_model(cfg)
+    assert len(tokenizer) >= 151_643
+    assert tokenizer.decode(tokenizer("How many apples?")["input_ids"]) == "How many apples?"
