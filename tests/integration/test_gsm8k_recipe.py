@@ -110,6 +110,7 @@ def test_sft_then_rl_script_warms_up_then_trains_from_the_sft_model(tmp_path):
         f"task.train_path={data}",
         f"task.eval_path={data}",
         "eval.enabled=false",
+        "sft.epochs=1",
         "sft.batch_size=3",
         "sft.torch_threads=1",
     ]

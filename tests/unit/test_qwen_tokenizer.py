@@ -146,7 +146,10 @@ def test_chat_template_renders_like_qwen25_instruct(qwen):
 
 
 def test_stop_tokens_are_im_end_then_endoftext(qwen):
+    from areal_like.core.tokenizer import build_char_tokenizer
+
     assert stop_token_ids(qwen) == (151_645, 151_643)
+    assert stop_token_ids(build_char_tokenizer()) == (1,)  # the char tokenizer's <eos> alone
 
 
 def test_built_qwen_model_dir_loads_with_auto_tokenizer(qwen_model_dir, qwen):
