@@ -13,10 +13,11 @@ This module is part of the config (``rollout.config`` imports ``EpisodeConfig``)
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+
+from areal_like.core.imports import import_callable
 
 if TYPE_CHECKING:
     from areal_like.core.types import PromptRecord
@@ -100,17 +101,5 @@ EnvFactory = Callable[..., Environment]
 
 
 def resolve_env_factory(path: str) -> EnvFactory:
-    """Import 'package.module:callable' (the attribute may be dotted) and return the callable;
-    ValueError naming ``rollout.episode.env`` and what is wrong."""
-    module_name, _, attr_path = path.partition(":")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"rollout.episode.env={path!r}: cannot import {module_name!r}: {err}") from err
-    for attr in attr_path.split("."):
-        if not hasattr(target, attr):
-            raise ValueError(f"rollout.episode.env={path!r}: {module_name} has no attribute {attr!r}")
-        target = getattr(target, attr)
-    if not callable(target):
-        raise ValueError(f"rollout.episode.env={path!r} names a {type(target).__name__}, not a callable")
-    return target
+    """The environment factory ``rollout.episode.env`` names ('package.module:callable')."""
+    return import_callable(path, f"rollout.episode.env={path!r}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import importlib
 import math
 import mmap
 import numbers
@@ -20,6 +19,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+
+from areal_like.core.imports import import_callable
 
 RewardFn = Callable[[str, str], float]
 
@@ -46,21 +47,8 @@ class RewardResult:
 
 
 def resolve_reward_fn(path: str) -> RewardFn:
-    """Import "package.module:function" (the attribute may be dotted) and return the callable."""
-    module_name, sep, attr_path = path.partition(":")
-    if not sep or not module_name or not attr_path or ":" in attr_path:
-        raise ValueError(f"reward function path {path!r} is malformed; expected 'package.module:function'")
-    try:
-        target = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"reward function path {path!r}: cannot import module {module_name!r}: {e}") from e
-    for attr in attr_path.split("."):
-        if not hasattr(target, attr):
-            raise ValueError(f"reward function path {path!r}: {target!r} has no attribute {attr!r}")
-        target = getattr(target, attr)
-    if not callable(target):
-        raise ValueError(f"reward function path {path!r} names a {type(target).__name__}, not a callable")
-    return target
+    """The reward function "package.module:function" names (the attribute may be dotted)."""
+    return import_callable(path, f"reward function path {path!r}")
 
 
 @dataclass(frozen=True)
