@@ -10,7 +10,7 @@ import torch
 
 from areal_like.checkpoint_manifest import crc32_of
 from tests.integration.test_trainer_dist import CASES, _rank, make_batch
-from tests.integration.test_universal_checkpoint import _run
+from tests.spawned import run_spawned
 from trainer.config import KLConfig
 
 pytestmark = pytest.mark.slow
@@ -58,7 +58,7 @@ def test_a_background_checkpoint_resumes_exactly(tmp_path):
 
     tiny = ModelBuildConfig(hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1)
     model_dir = build_model(tiny, str(tmp_path / "model"))
-    result = _run([(_job, (free_port("127.0.0.1"), model_dir, str(tmp_path / "ckpt")))])["async"]
+    result = run_spawned([(_job, (free_port("127.0.0.1"), model_dir, str(tmp_path / "ckpt")))])["async"]
     progress = result["progress"]
     assert progress.error is None
     names = sorted(f.path.rsplit("/", 2)[-2] + "/" + f.path.rsplit("/", 1)[-1] for f in progress.files)

@@ -5,17 +5,16 @@ engine's."""
 from __future__ import annotations
 
 import math
-import queue
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from areal_like.controller import run_training
+from areal_like.core.net import free_port
 from tests.integration.test_e2e import read_jsonl, tiny_config
 from tests.integration.test_trainer_dist import DictStore, Meta
+from tests.spawned import run_spawned
 
 pytestmark = pytest.mark.slow
 
@@ -76,6 +75,7 @@ def _behaviour_batch(model_dir, num_groups=2, group_size=4, seed=0):
                 behav_logprobs=logp.numpy().astype(np.float32),
                 versions=np.zeros(len(response), dtype=np.int64),
                 reward=np.asarray([float(i % 2)], dtype=np.float32),
+                loss_mask=np.ones(len(response), dtype=np.int8),
             )
             metas.append(Meta(sample_id=sid, group_id=g, length=len(prompt) + len(response), seq=len(metas)))
     return DictStore(data), metas
@@ -99,13 +99,7 @@ def _guard_job(model_dir, port, out):
         except LogpMismatchError as err:
             results[name] = dict(fresh=None, error=str(err))
         results[name]["changed"] = trainer.weights_digest() != before
-    out.put(results)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    out.put(("guard", results))
 
 
 def test_the_mismatch_guard_stops_a_rank_scoring_at_the_wrong_temperature(tmp_path):
@@ -113,18 +107,8 @@ def test_the_mismatch_guard_stops_a_rank_scoring_at_the_wrong_temperature(tmp_pa
 
     shape = ModelBuildConfig(hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1)
     model_dir = build_model(shape, str(tmp_path / "m"))
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    proc = ctx.Process(target=_guard_job, args=(model_dir, _free_port(), out))
-    proc.start()
-    try:
-        results = out.get(timeout=300)
-    except queue.Empty:
-        pytest.fail(f"the trainer process did not answer (exit code {proc.exitcode})")
-    finally:
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
+    job = (_guard_job, (model_dir, free_port("127.0.0.1")))
+    results = run_spawned([job], timeout_s=300, what="trainer process")["guard"]
     same, wrong = results["same"], results["wrong"]
     assert same["error"] is None and same["fresh"] < 1e-4 and same["changed"]
     assert wrong["error"] is not None and "train.logp_mismatch_stop=0.25" in wrong["error"]

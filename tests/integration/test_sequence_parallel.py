@@ -6,16 +6,14 @@ GSPO's, whose sequence ratio spans both ranks' shards."""
 from __future__ import annotations
 
 import os
-import queue
-import socket
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from areal_like.core.net import free_port
+from tests.spawned import run_spawned
 from trainer.batch import SequenceSample, collate, collate_packed
 from trainer.config import TrainConfig
 
@@ -102,12 +100,6 @@ def _job(rank, port, model_dirs, out):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     from areal_like.core.models import ModelBuildConfig, build_model
@@ -120,28 +112,9 @@ def results(tmp_path_factory):
         )
         for name, (h, k) in SHAPES.items()
     }
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_job, args=(r, port, model_dirs, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    collected, deadline = {}, time.monotonic() + 300
-    try:
-        while len(collected) < len(procs):
-            try:
-                rank, res = out.get(timeout=2)
-                collected[rank] = res
-            except queue.Empty:
-                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-                assert not dead, f"a sequence-parallel rank died (exit codes {dead}); see the captured output"
-                assert time.monotonic() < deadline, "sequence-parallel ranks timed out"
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return collected
+    port = free_port("127.0.0.1")
+    jobs = [(_job, (r, port, model_dirs)) for r in range(2)]
+    return run_spawned(jobs, timeout_s=300, what="sequence-parallel rank")
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))

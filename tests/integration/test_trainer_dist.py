@@ -8,16 +8,14 @@ results. Plain SGD makes the comparisons sensitive to any error in the gradient'
 
 from __future__ import annotations
 
-import queue
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from areal_like.core.net import free_port
+from tests.spawned import run_spawned
 from trainer.config import KLConfig, RewardConfig, TrainConfig
 
 pytestmark = pytest.mark.slow
@@ -188,32 +186,11 @@ def results(tmp_path_factory):
         ModelBuildConfig(hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1),
         str(tmp / "model"),
     )
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
     two_rank_port = free_port("127.0.0.1")
     single_port = free_port("127.0.0.1")
-    procs = [ctx.Process(target=_single_rank_job, args=(single_port, model_dir, str(tmp / "ckpt"), out))]
-    procs += [ctx.Process(target=_two_rank_job, args=(r, two_rank_port, model_dir, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    collected, deadline = {}, time.monotonic() + 480
-    try:
-        while len(collected) < len(procs):
-            try:
-                key, value = out.get(timeout=2)
-                collected[key] = value
-            except queue.Empty:
-                dead = [p.pid for p in procs if p.exitcode not in (None, 0)]
-                assert not dead, f"trainer test process(es) {dead} died; see the captured output"
-                assert time.monotonic() < deadline, (
-                    f"trainer test processes timed out; got {sorted(collected)}"
-                )
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return collected
+    jobs = [(_single_rank_job, (single_port, model_dir, str(tmp / "ckpt")))]
+    jobs += [(_two_rank_job, (r, two_rank_port, model_dir)) for r in range(2)]
+    return run_spawned(jobs, timeout_s=480, what="trainer test process")
 
 
 def assert_same_weights(a: dict, b: dict, atol: float = 1e-6):

@@ -13,10 +13,10 @@ import json
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from areal_like.core.net import free_port
 from tests.integration.test_trainer_dist import MAX_NEW_TOKENS, make_batch
+from tests.spawned import run_spawned
 from trainer.config import KLConfig, TrainConfig
 
 pytestmark = pytest.mark.slow
@@ -76,7 +76,7 @@ def _job(port: int, model_dir: str, sft_path: str, tmp: str, out) -> None:
         results[f"sft_ckpt={ckpt}"] = dict(
             calls=sft_calls.count, layers=len(sft_calls.layers), training=rank.engine.module.training
         )
-    out.put(results)
+    out.put(("modes", results))
 
 
 @pytest.fixture(scope="module")
@@ -90,16 +90,8 @@ def results(tmp_path_factory):
     )
     sft_path = tmp / "sft.jsonl"
     sft_path.write_text("".join(json.dumps(r) + "\n" for r in SFT_RECORDS))
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    proc = ctx.Process(target=_job, args=(free_port("127.0.0.1"), model_dir, str(sft_path), str(tmp), out))
-    proc.start()
-    try:
-        return out.get(timeout=500)
-    finally:
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
+    job = (_job, (free_port("127.0.0.1"), model_dir, str(sft_path), str(tmp)))
+    return run_spawned([job], timeout_s=500, what="trainer-modes process")["modes"]
 
 
 def test_policy_and_critic_recompute_every_layer_under_gradient_checkpointing(results):

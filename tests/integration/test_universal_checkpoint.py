@@ -9,17 +9,14 @@ must be what the original layout computed, and the step count must go on from 2.
 
 from __future__ import annotations
 
-import queue
-import time
-
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from areal_like.checkpoint_universal import to_universal
 from areal_like.core.net import free_port
 from tests.integration.test_trainer_dist import _rank, make_batch
+from tests.spawned import run_spawned
 
 pytestmark = pytest.mark.slow
 
@@ -65,30 +62,6 @@ def _resumed(name, rank, port, model_dir, universal_dir, out):
     out.put((f"{name}/{rank}", result))
 
 
-def _run(jobs, timeout_s=480):
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=fn, args=(*args, out)) for fn, args in jobs]
-    for p in procs:
-        p.start()
-    collected, deadline = {}, time.monotonic() + timeout_s
-    try:
-        while len(collected) < len(procs):
-            try:
-                key, value = out.get(timeout=2)
-                collected[key] = value
-            except queue.Empty:
-                dead = [p.pid for p in procs if p.exitcode not in (None, 0)]
-                assert not dead, f"trainer process(es) {dead} died; see the captured output"
-                assert time.monotonic() < deadline, f"trainer processes timed out; got {sorted(collected)}"
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    return collected
-
-
 def _jobs(fn, name, model_dir, directory):
     world, _ = LAYOUTS[name]
     port = free_port("127.0.0.1")
@@ -103,11 +76,11 @@ def results(tmp_path_factory):
     tiny = ModelBuildConfig(hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1)
     model_dir = build_model(tiny, str(tmp / "model"))
     ckpt = {name: str(tmp / name) for name in LAYOUTS}
-    original = _run([j for name in LAYOUTS for j in _jobs(_original, name, model_dir, ckpt[name])])
+    original = run_spawned([j for name in LAYOUTS for j in _jobs(_original, name, model_dir, ckpt[name])])
     # zero2x2's checkpoint resumes as zero3x1 and the other way round.
     to_universal(ckpt["zero2x2"], str(tmp / "for_zero3x1"), zero_stage=3)
     to_universal(ckpt["zero3x1"], str(tmp / "for_zero2x2"), zero_stage=2)
-    resumed = _run(
+    resumed = run_spawned(
         _jobs(_resumed, "zero3x1", model_dir, str(tmp / "for_zero3x1"))
         + _jobs(_resumed, "zero2x2", model_dir, str(tmp / "for_zero2x2"))
     )
