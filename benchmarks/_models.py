@@ -7,6 +7,7 @@ tokenizer (vLLM runs with ``skip_tokenizer_init``, the benchmarks feed token ids
 
 from __future__ import annotations
 
+import json
 import os
 
 SHAPES: dict[str, dict] = {
@@ -26,11 +27,19 @@ SHAPES: dict[str, dict] = {
 
 
 def random_qwen2(shape: str, path: str, max_len: int = 8192, seed: int = 0) -> str:
-    """Save a random bf16 Qwen2 of ``shape`` into ``path`` (reused when it is already there)."""
+    """Save a random bf16 Qwen2 of ``shape`` into ``path`` (reused when it is already there, its
+    ``max_position_embeddings`` raised to ``max_len`` when smaller)."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    if os.path.exists(os.path.join(path, "config.json")):
+    config_file = os.path.join(path, "config.json")
+    if os.path.exists(config_file):  # reused; rope weights do not depend on the longest position
+        with open(config_file) as f:
+            saved = json.load(f)
+        if saved.get("max_position_embeddings", 0) < max_len:
+            saved["max_position_embeddings"] = max_len
+            with open(config_file, "w") as f:
+                json.dump(saved, f, indent=2)
         return path
     if shape not in SHAPES:
         raise ValueError(f"--shape {shape!r}: known shapes {sorted(SHAPES)}")

@@ -1,17 +1,34 @@
 #!/usr/bin/env bash
 # The one-GPU benchmarks of docs/benchmarks.md, in one go on the GPU machine (after staging the stack,
 # see ../shared/gpu/README.md): flex-attention packing test, rollout overhead, colocated weight sync
-# (1.5B, 7B), trainer MFU.
-# Each writes its JSON line into ${OUT:-benchmarks/results/tmp}/<name>.json.
+# (1.5B, 7B), trainer MFU. WHAT picks and orders them (default: all but the long rollout mixes).
+# Each writes its JSON line into ${OUT:-benchmarks/results/tmp}/<name>.json (with JSONL=1: all of
+# them into bench.jsonl, and vLLM's start-up lines into startup.log, for the 8-file limit of $OUT).
 set -uo pipefail
 out=${OUT:-benchmarks/results/tmp}; mkdir -p "$out"
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 models=${MODELS:-/tmp/bench-models}; mkdir -p "$models"
-run() { local name=$1; shift; echo "=== $name: $*"; timeout "${LIMIT:-900}" python -m areal_like.cli bench "$@" --out "$out/$name.json" 2>&1 | grep -v "INFO\|Writing model\|Loading weights\|it/s\]" | tail -${TAIL:-12}; }
-for what in ${WHAT:-flex rollout sync15 sync7 trainer}; do
+run() {
+  local name=$1; shift; echo "=== $name: $*"
+  local file="$out/$name.json"; [ -n "${JSONL:-}" ] && file="/tmp/bench-$name.json"
+  timeout "${LIMIT:-900}" python -m areal_like.cli bench "$@" --out "$file" > "/tmp/bench-$name.log" 2>&1
+  grep -v "INFO\|Writing model\|Loading weights\|it/s\]" "/tmp/bench-$name.log" | tail -"${TAIL:-12}"
+  if [ -n "${JSONL:-}" ]; then
+    [ -f "$file" ] && { printf '{"name": "%s", "result": ' "$name"; cat "$file"; echo "}"; } >> "$out/bench.jsonl"
+    grep -E "torch.compile take|[Cc]apturing|Model loading took|init engine|Compil|started in" "/tmp/bench-$name.log" \
+      | sed "s/^/$name: /" >> "$out/startup.log"
+  fi
+}
+r15="--shape 1.5b --prompt-len 256 --model-dir $models/1.5b"
+for what in ${WHAT:-flex vllm rollout rollout_eager rollout1024 sync15 sync7 trainer}; do
   case $what in
     flex)    timeout 300 python -m pytest -q -m gpu tests/gpu/test_flex_packing.py -p no:cacheprovider 2>&1 | tail -3 ;;
-    rollout) run gpu_rollout gpu_rollout --shape 1.5b --requests 256 --prompt-len 256 --median 256 --cap 1024 --eager --model-dir "$models/1.5b" ;;
+    vllm)    timeout 600 python -m pytest -q -m gpu tests/gpu/test_vllm_engine.py -p no:cacheprovider 2>&1 | tail -5 ;;
+    rollout) run gpu_rollout_256 gpu_rollout $r15 --requests 256 --median 256 --cap 1024 --stream-intervals 1,16 ;;
+    rollout_eager) run gpu_rollout_256_eager gpu_rollout $r15 --requests 256 --median 256 --cap 1024 --eager ;;
+    rollout1024) run gpu_rollout_1024 gpu_rollout $r15 --requests 1024 --median 256 --cap 1024 ;;
+    long256) run gpu_rollout_256_long gpu_rollout $r15 --requests 256 --median 1024 --cap 8192 ;;
+    long1024) run gpu_rollout_1024_long gpu_rollout $r15 --requests 1024 --median 1024 --cap 8192 ;;
     sync15)  run gpu_sync_colocated_1.5b gpu_sync --shape 1.5b --placement colocated --verify --model-dir "$models/1.5b" ;;
     copy)    run device_copy_7b device_copy --shape 7b ;;
     sync7)   run gpu_sync_colocated_7b gpu_sync --shape 7b --placement colocated --gpu-mem 0.3 --verify --model-dir "$models/7b" ;;

@@ -35,6 +35,10 @@ class VLLMConfig:
     """1: weights to CPU and KV cache dropped while asleep; 2: both dropped (the next sync reloads)."""
     start_timeout_s: float = 900.0
     """Longest wait for the engine to start (torch.compile and CUDA-graph capture take minutes)."""
+    stream_interval: int = 16
+    """Tokens per output delta the client processes (the first and last token always come at once).
+    1 makes the client do Python work for every token of every request, which bounds decoding
+    speed at high concurrency; larger only delays partial results (streamed chunks)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("bfloat16", "float16", "float32"):
@@ -51,6 +55,8 @@ class VLLMConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"rollout.vllm.{name}={value}: must be >= 1 or null")
+        if self.stream_interval < 1:
+            raise ValueError(f"rollout.vllm.stream_interval={self.stream_interval}: must be >= 1 token")
         if self.start_timeout_s <= 0:
             raise ValueError(f"rollout.vllm.start_timeout_s={self.start_timeout_s}: must be > 0 seconds")
 

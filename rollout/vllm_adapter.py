@@ -12,11 +12,18 @@ extension (rollout/vllm_extension.py) and the benchmarks call these functions an
   async iterator of ``RequestOutput`` whose ``outputs[0]`` holds the new token ids and, per position,
   a mapping ``{token_id: Logprob}`` that includes the sampled token; ``finish_reason`` is 'stop',
   'length' or 'abort' on the last one.
+- ``stream_interval``: DELTA outputs every that many tokens (and the first and last), which divides
+  the client's per-token work (one ``RequestOutput`` and one task wake-up per delta).
+- ``engine_core.call_utility_async(name, *args)`` runs ``EngineCore.<name>`` on the engine-core
+  thread between steps; a ``Future`` result is awaited there. Our ``areal_swap`` (added to
+  ``EngineCore`` by rollout/vllm_extension.py) relies on the scheduler's ``set_pause_state``,
+  ``requests`` (internal id -> ``Request.num_output_tokens``; the internal id is ours plus
+  ``-<8 characters>``), ``reset_prefix_cache(reset_running_requests=True)`` (preempts the running
+  requests so their KV cache is recomputed), ``EngineCoreProc.has_work`` and
+  ``_idle_state_callbacks`` (run once the step in flight has been processed).
 - ``pause_generation(mode='keep', clear_cache=False)`` (through ``engine_core.pause_scheduler_async``,
   skipping its fixed 20 ms sleep): requests freeze in place and the call returns once the engine's
-  output queue is empty; ``reset_prefix_cache(reset_running_requests=True)``
-  preempts the frozen requests so their KV cache is recomputed by the new weights on
-  ``resume_generation``; ``sleep(level)`` / ``wake_up(tags)``; ``abort(ids)`` ends requests with a
+  output queue is empty; ``sleep(level)`` / ``wake_up(tags)``; ``abort(ids)`` ends requests with a
   final 'abort' output.
 - ``LLM.generate`` (the offline engine) is used only as the benchmark baseline.
 """
@@ -82,6 +89,7 @@ def engine_kwargs(model_path: str, config: VLLMConfig, max_num_seqs: int, seed: 
         worker_extension_cls=EXTENSION_CLS,
         enable_sleep_mode=config.enable_sleep_mode,
         tensor_parallel_size=1,
+        stream_interval=config.stream_interval,
     )
     if config.max_model_len is not None:
         kwargs["max_model_len"] = config.max_model_len
@@ -188,10 +196,11 @@ async def resume(llm: Any) -> None:
     await llm.resume_generation()
 
 
-async def recompute_running(llm: Any) -> None:
-    """After a weight swap: drop the prefix cache and preempt the frozen requests, so that their
-    prompt and partial output are re-encoded by the new weights when decoding resumes."""
-    await llm.reset_prefix_cache(reset_running_requests=True)
+async def swap(llm: Any, method: str, args: list, keep_paused: bool) -> dict:
+    """Run ``WeightExtension.<method>(*args)`` at a token boundary in one engine-core utility call
+    (``areal_swap`` in rollout/vllm_extension.py): returns the engine's record of it, with
+    ``tokens`` = ``{internal request id: output tokens sampled before the load}``."""
+    return await llm.engine_core.call_utility_async("areal_swap", method, args, keep_paused)
 
 
 async def sleep(llm: Any, level: int) -> None:

@@ -4,16 +4,17 @@ Threads and processes (inside one rollout worker actor that holds a GPU):
 - the caller's threads (the worker's rollout loop, the controller's calls) use the Protocol methods;
   each turns into a coroutine posted to
 - the engine's event-loop thread, which owns the ``AsyncLLM`` client: one task per request iterates
-  its output deltas, stamps every new token with the engine's current policy version, streams
+  its output deltas (every ``stream_interval`` tokens), labels the tokens with versions, streams
   chunks and resolves the ``RequestHandle``;
 - vLLM's engine-core process (spawned by ``AsyncLLM``) holds the model, the scheduler and the KV
-  cache, and runs our ``WeightExtension`` methods (rollout/vllm_extension.py) on request.
-Weight swap (interruptible generation), always on the loop thread, one at a time:
-  pause (requests freeze at a token boundary; vLLM returns once their tokens are out) -> wait until
-  every delivered token has been stamped -> load the new weights in the engine core -> preempt the
-  frozen requests and reset the prefix cache (their prompt and partial output are re-encoded by the
-  new weights) -> bump the version -> resume. So a token's version is that of the weights that
-  sampled it, and a sample spanning a swap carries both versions.
+  cache, and runs our ``WeightExtension`` methods and ``areal_swap`` (rollout/vllm_extension.py).
+Weight swap (interruptible generation), always on the loop thread, one at a time: one utility call
+``areal_swap`` makes the engine core stop scheduling, finish the step in flight, record how many
+tokens every request has, load the new weights, preempt the running requests (their prompt and
+partial output are re-encoded by the new weights) and schedule on. The client then records, per
+request, "tokens before index n were sampled by the old version" and bumps its version in the same
+loop step, so a token's version is that of the weights that sampled it, as the engine reports it:
+no timing assumption, and a sample spanning a swap carries both versions.
 Every vLLM call goes through ``rollout/vllm_adapter.py``.
 """
 
@@ -41,8 +42,41 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_SETTLE_S = 0.005
-"""Poll interval while waiting for delivered tokens to be stamped before a version bump."""
+
+def token_versions(start_version: int, swaps: list[tuple[int, int]], first: int, count: int) -> list[int]:
+    """Versions of a request's output tokens ``first .. first+count-1``. ``start_version`` is the
+    engine's version when the request began; ``swaps`` lists ``(n, version)`` in swap order: the
+    tokens from index ``n`` on were sampled by ``version`` (until the next swap)."""
+    out = []
+    for i in range(first, first + count):
+        version = start_version
+        for n, after in swaps:
+            if i < n:
+                break
+            version = after
+        out.append(version)
+    return out
+
+
+def counts_by_request_id(engine_counts: dict[str, int]) -> dict[str, int]:
+    """The engine core's ``{internal id: tokens}`` keyed by our request ids too: vLLM 0.25 appends
+    ``-<8 random characters>`` to every request id it is given."""
+    out = dict(engine_counts)
+    for internal, n in engine_counts.items():
+        base, _, suffix = internal.rpartition("-")
+        if base and len(suffix) == 8:
+            out.setdefault(base, n)
+    return out
+
+
+class _Versions:
+    """Which weights sampled a running request's tokens (see ``token_versions``)."""
+
+    __slots__ = ("start", "swaps")
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.swaps: list[tuple[int, int]] = []
 
 
 class VLLMEngine:
@@ -62,15 +96,17 @@ class VLLMEngine:
         self._ids = itertools.count()
         self._running: dict[str, RequestHandle] = {}
         self._tokens_in_flight: dict[str, int] = {}
+        self._versions: dict[str, _Versions] = {}
         self._decode_events = 0
-        self._last_delivery = time.monotonic()
+        self.swaps_total = 0
         self._paused = False
         self._sleeping = False
         self._closed = False
         self._swap_lock: asyncio.Lock | None = None
         self.last_swap_s: dict[str, float] = {}
-        """Seconds of the last weight swap: pausing at a token boundary (and stamping what was
-        delivered), loading in the engine core, and re-queueing running requests + resuming."""
+        """Seconds of the last weight swap, measured in the engine core: ``engine_stopped`` (no
+        step ran: load + preemption of the running requests), ``drain`` (finishing the step in
+        flight), ``load``, ``reset``; and ``end_to_end`` as the client saw it (round trip included)."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"vllm-{engine_id}", daemon=True)
         self._thread.start()
@@ -208,19 +244,18 @@ class VLLMEngine:
         logprobs: list[float] = []
         versions: list[int] = []
         reason = "abort"
+        # Registered before the request reaches vLLM, on the loop thread that records swaps.
+        record = self._versions[rid] = _Versions(self._version)
         try:
             async for delta in vllm.generate(self._llm, rid, prompt_ids, params):
                 if delta.token_ids:
-                    version = self._version
+                    new = token_versions(record.start, record.swaps, len(tokens), len(delta.token_ids))
                     tokens += delta.token_ids
                     logprobs += delta.logprobs
-                    versions += [version] * len(delta.token_ids)
+                    versions += new
                     self._tokens_in_flight[rid] = len(prompt_ids) + len(tokens)
                     self._decode_events += 1
-                    self._last_delivery = time.monotonic()
-                    handle._emit(
-                        TokenChunk(delta.token_ids, delta.logprobs, [version] * len(delta.token_ids))
-                    )
+                    handle._emit(TokenChunk(delta.token_ids, delta.logprobs, new))
                 if delta.finish_reason is not None:
                     reason = delta.finish_reason
             handle._finish(GenerationOutput(tokens, logprobs, versions, reason))
@@ -231,44 +266,37 @@ class VLLMEngine:
         finally:
             self._running.pop(rid, None)
             self._tokens_in_flight.pop(rid, None)
+            self._versions.pop(rid, None)
 
     async def _pause(self) -> None:
         await vllm.pause(self._llm)
         self._paused = True
-        await self._settle()
 
     async def _resume(self) -> None:
         self._paused = False
         await vllm.resume(self._llm)
 
-    async def _settle(self) -> None:
-        """Wait until every token vLLM sent before the pause has been stamped by its request task
-        (the delivery clock stops moving), so none of them gets the next version."""
-        while True:
-            last = self._last_delivery
-            await asyncio.sleep(_SETTLE_S)
-            if self._last_delivery == last:
-                return
-
     async def _swap(self, version: int, method: str, *args: Any) -> Any:
         assert self._swap_lock is not None
         async with self._swap_lock:
-            t0 = time.perf_counter()
-            was_paused = self._paused
-            if not was_paused:
-                await self._pause()
-            t1 = time.perf_counter()
-            try:
-                result = await vllm.rpc(self._llm, method, *args)
-                t2 = time.perf_counter()
-                await vllm.recompute_running(self._llm)
-                self._version = version
-            finally:
-                if not was_paused and not self._sleeping:
-                    await self._resume()
-            t3 = time.perf_counter()
-            self.last_swap_s = {"pause": t1 - t0, "load": t2 - t1, "reset_resume": t3 - t2}
-            return result
+            start = time.perf_counter()
+            keep_paused = self._paused or self._sleeping
+            out = await vllm.swap(self._llm, method, list(args), keep_paused)
+            # No await from here to the version bump: deltas sampled after the swap are processed
+            # by the client after this step of the loop, and find the swap recorded.
+            counts = counts_by_request_id(out["tokens"])
+            for rid, record in self._versions.items():
+                record.swaps.append((counts.get(rid, 0), version))
+            self._version = version
+            self.swaps_total += 1
+            self.last_swap_s = {
+                "engine_stopped": out["stopped_s"],
+                "drain": out["drain_s"],
+                "load": out["load_s"],
+                "reset": out["reset_s"],
+                "end_to_end": time.perf_counter() - start,
+            }
+            return out["result"]
 
     async def _sleep(self) -> None:
         if self._sleeping:

@@ -15,13 +15,18 @@ Three ways in:
 - ``areal_make_arena(blob)`` + ``areal_load_staged()``: colocated placement. The staging is a
   persistent arena shared by CUDA IPC with the trainer rank on this GPU, which writes into it; we
   copy it into the parameters when told.
-The caller pauses generation around every load (interruptible generation) and then resets the
-prefix cache so running requests are re-encoded by the new weights.
+Every load runs inside ``areal_swap``, a utility method this module adds to vLLM's ``EngineCore``
+(the process that also holds the worker when TP is 1): one call from the client stops scheduling,
+waits for the step in flight, records how many tokens each request has (so the client knows which
+weights sampled every token, with no timing assumption), loads, preempts the running requests so
+their KV cache is recomputed by the new weights, and lets scheduling go on.
 """
 
 from __future__ import annotations
 
 import pickle
+import time
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -115,3 +120,64 @@ class WeightExtension:
                     f"({None if p is None else tuple(p.shape)}); the plan must use vllm_destination "
                     f"for this model (vLLM has {len(params)} parameters, e.g. {list(params)[:3]})"
                 )
+
+
+# ---- inside vLLM's engine core ------------------------------------------------------------------------
+def areal_swap(core: Any, method: str, args: list, keep_paused: bool) -> Future:
+    """``EngineCore.areal_swap``: run ``WeightExtension.<method>(*args)`` at a token boundary.
+
+    Runs on the engine core's thread between steps (a utility call). Scheduling stops; once the
+    step in flight has been processed (the core is idle), we record every unfinished request's
+    output-token count, load, preempt the running requests (their KV cache was computed by the old
+    weights) and, unless ``keep_paused`` or the scheduler was already paused, let scheduling go on.
+    The returned future resolves to ``{"tokens": {request_id: count}, "result": ..., "stopped_s":
+    ..., "drain_s": ..., "load_s": ..., "reset_s": ...}``; ``stopped_s`` is how long the engine did
+    not step (drain excluded: the step in flight still samples with the old weights)."""
+    from vllm.v1.core.sched.interface import PauseState
+
+    scheduler = core.scheduler
+    was_paused = scheduler.pause_state != PauseState.UNPAUSED
+    scheduler.set_pause_state(PauseState.PAUSED_ALL)
+    asked = time.perf_counter()
+    future: Future = Future()
+
+    def at_idle(engine: Any, future: Future = future) -> None:
+        try:
+            t0 = time.perf_counter()
+            tokens = {
+                rid: request.num_output_tokens
+                for rid, request in engine.scheduler.requests.items()
+                if request.num_output_tokens > 0
+            }
+            result = engine.collective_rpc(method, args=tuple(args))[0]
+            t1 = time.perf_counter()
+            engine.reset_prefix_cache(reset_running_requests=True)
+            t2 = time.perf_counter()
+            if not (keep_paused or was_paused):
+                engine.scheduler.set_pause_state(PauseState.UNPAUSED)
+            future.set_result(
+                dict(tokens=tokens, result=result, stopped_s=t2 - t0, drain_s=t0 - asked, load_s=t1 - t0,
+                     reset_s=t2 - t1)
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - the utility output carries it to the client
+            future.set_exception(e)
+
+    if core.has_work():
+        core._idle_state_callbacks.append(at_idle)
+    else:
+        at_idle(core)
+    return future
+
+
+def _install_engine_core_utility() -> None:
+    """Add ``areal_swap`` to vLLM's ``EngineCore`` class (imported in the engine-core process
+    when vLLM builds its worker with our extension)."""
+    try:
+        from vllm.v1.engine.core import EngineCore
+    except ImportError:  # CPU machines: no vLLM, nothing to install
+        return
+    if not hasattr(EngineCore, "areal_swap"):
+        EngineCore.areal_swap = areal_swap
+
+
+_install_engine_core_utility()

@@ -3,7 +3,9 @@
 One engine (enforce_eager, sleep mode on) serves every test of the module, in order: token ids in and
 out with log-probs equal to a float32 HF recompute; stop, length and abort endings; pause and resume;
 a weight swap inside a sample (both versions, and the tokens after the swap scored by the new
-weights); the colocated arena filled over CUDA IPC; sleep and wake keeping the weights.
+weights); the colocated arena filled over CUDA IPC; sleep and wake keeping the weights; a swap
+while 256 requests decode, every token's version checked against log-probs recomputed under both
+weight sets.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def engine(models):
     config = VLLMConfig(
         enforce_eager=True, gpu_memory_utilization=0.3, max_model_len=MAX_LEN, enable_sleep_mode=True
     )
-    eng = VLLMEngine(models[0], config, engine_id=0, version=0, max_batch_size=64, seed=0)
+    eng = VLLMEngine(models[0], config, engine_id=0, version=0, max_batch_size=256, seed=0)
     yield eng
     eng.close()
 
@@ -203,3 +205,54 @@ def test_sleep_frees_memory_and_wake_keeps_the_weights(engine):
     assert engine.weights_digest() == digest
     out = engine.generate([[5, 6, 7]], _params(8), timeout_s=60)[0]
     assert out.finish_reason == "length" and len(out.response_ids) == 8
+
+
+def _recompute_many(path: str, pairs: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
+    """``_recompute`` for many (prompt, response) pairs with one model load."""
+    from areal_like.core.models import load_model
+
+    model = load_model(path).cuda()
+    out = []
+    with torch.no_grad():
+        for prompt, response in pairs:
+            ids = torch.tensor([prompt + response], device="cuda")
+            logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+            target = torch.tensor(response, device="cuda")[:, None]
+            out.append(torch.log_softmax(logits, -1).gather(1, target)[:, 0].cpu())
+    return out
+
+
+def test_every_token_carries_the_version_of_the_weights_that_sampled_it(engine, models):
+    """A swap (a -> b) lands while 256 requests decode. The engine core reports how many tokens each
+    request had at the swap; each token's label must name the weights whose log-prob it carries."""
+    import numpy as np
+
+    engine.update_weights(_bf16_state(models[0]), version=10, timeout_s=120)
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(3, 20, int(rng.integers(3, 8))).tolist() for _ in range(256)]
+    handles = [engine.submit(p, _params(120)) for p in prompts]
+    deadline = time.monotonic() + 60
+    while engine.load().decode_steps_total < 256 * 3 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    engine.update_weights(_bf16_state(models[1]), version=11, timeout_s=120)
+    swap = dict(engine.last_swap_s)
+    outs = [h.result(timeout_s=300) for h in handles]
+    cuts = []
+    for out in outs:
+        k = out.versions.count(10)
+        assert out.versions == [10] * k + [11] * (len(out.versions) - k)
+        cuts.append(k)
+    spanning = sum(0 < k < 120 for k in cuts)
+    assert spanning >= 128, f"only {spanning} of 256 samples span the swap (cuts {sorted(cuts)[:10]}...)"
+    pairs = [(p, o.response_ids) for p, o in zip(prompts, outs, strict=True)]
+    ref_a, ref_b = _recompute_many(models[0], pairs), _recompute_many(models[1], pairs)
+    decided = wrong = 0
+    for out, a, b, k in zip(outs, ref_a, ref_b, cuts, strict=True):
+        got = torch.tensor(out.logprobs)
+        clear = (a - b).abs() > 0.3  # tokens the two weight sets score apart (bf16 noise ~0.01)
+        labelled_a = torch.arange(len(got)) < k
+        nearer_a = (got - a).abs() < (got - b).abs()
+        decided += int(clear.sum())
+        wrong += int((clear & (nearer_a != labelled_a)).sum())
+    assert decided > 5000 and wrong == 0, f"{wrong} of {decided} clearly scored tokens: wrong version"
+    assert swap["engine_stopped"] < 1.0 and swap["end_to_end"] >= swap["engine_stopped"], swap

@@ -23,6 +23,27 @@ def test_vllm_settings_are_validated():
         VLLMConfig(sleep_level=3)
     with pytest.raises(ValueError, match="dtype"):
         VLLMConfig(dtype="int8")
+    with pytest.raises(ValueError, match="stream_interval"):
+        VLLMConfig(stream_interval=0)
+
+
+def test_token_versions_follow_the_engine_reported_swap_boundaries():
+    from rollout.vllm_engine import token_versions
+
+    # began under version 3; the engine reported 5 tokens at the swap to 4 and 9 at the swap to 6
+    swaps = [(5, 4), (9, 6)]
+    assert token_versions(3, swaps, 0, 12) == [3] * 5 + [4] * 4 + [6] * 3
+    assert token_versions(3, swaps, 4, 3) == [3, 4, 4]  # a delta straddling a boundary
+    assert token_versions(3, [(0, 4)], 0, 3) == [4, 4, 4]  # swapped before its first token
+    assert token_versions(3, [], 7, 2) == [3, 3]
+
+
+def test_engine_counts_are_found_under_our_request_ids():
+    from rollout.vllm_engine import counts_by_request_id
+
+    counts = counts_by_request_id({"e0-17-1a2b3c4d": 40, "e0-3": 7})
+    assert counts["e0-17"] == 40 and counts["e0-17-1a2b3c4d"] == 40
+    assert counts["e0-3"] == 7 and "e0" not in counts  # no random suffix: taken as is
 
 
 @pytest.mark.parametrize(
