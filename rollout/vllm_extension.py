@@ -134,6 +134,7 @@ def areal_swap(core: Any, method: str, args: list, keep_paused: bool) -> Future:
     ..., "drain_s": ..., "load_s": ..., "reset_s": ...}``; ``stopped_s`` is how long the engine did
     not step (drain excluded: the step in flight still samples with the old weights)."""
     from vllm.v1.core.sched.interface import PauseState
+    from vllm.v1.engine import EngineCoreRequestType
 
     scheduler = core.scheduler
     was_paused = scheduler.pause_state != PauseState.UNPAUSED
@@ -155,6 +156,8 @@ def areal_swap(core: Any, method: str, args: list, keep_paused: bool) -> Future:
             t2 = time.perf_counter()
             if not (keep_paused or was_paused):
                 engine.scheduler.set_pause_state(PauseState.UNPAUSED)
+                # An idle core blocks on its input queue: wake it so that it sees the work again.
+                engine.input_queue.put_nowait((EngineCoreRequestType.WAKEUP, None))
             future.set_result(
                 dict(tokens=tokens, result=result, stopped_s=t2 - t0, drain_s=t0 - asked, load_s=t1 - t0,
                      reset_s=t2 - t1)
