@@ -155,8 +155,12 @@ class RLController:
                     continue
                 sync_s = self.sync_weights(self.version + 1)
                 self.step += 1
+                # Everything the step's metrics ask of other actors is read before its checkpoint: a
+                # checkpoint never exists without its metrics row (a resume would leave a gap).
+                observed = self.observe()
                 save_s = self.maybe_checkpoint()
-                self.log_step(batch, stats, wait_s=wait_s, train_s=train_s, sync_s=sync_s, save_s=save_s)
+                seconds = dict(wait_batch=wait_s, train=train_s, weight_sync=sync_s, checkpoint=save_s)
+                self.log_step(batch, stats, observed, seconds)
                 self.maybe_periodic_eval()
             train_seconds = time.perf_counter() - started
             self.stop_rollouts()
@@ -408,26 +412,23 @@ class RLController:
             trainer_layout=TrainerLayout.of(self.config.train),
         )
 
-    def log_step(self, batch, stats: list[TrainStats], wait_s, train_s, sync_s, save_s) -> None:
-        trained_version = self.version - 1
-        staleness = [trained_version - m.min_version for m in batch]
-        self.staleness_max_seen = max(self.staleness_max_seen, max(staleness))
+    def observe(self) -> tuple:
+        """What a step's metrics need from the dispatcher, the rollout workers and the datastore."""
         gate = self._ask_dispatcher(self.dispatcher.gate_state.remote(), "gate_state")
         self._check_workers()
         health = self.rollout.all_health()  # retired workers' last counters too, so totals never drop
-        metrics = step_metrics(
-            self.version,
-            staleness,
-            gate,
-            stats,
-            health,
-            len(batch),
-            {"wait_batch": wait_s, "train": train_s, "weight_sync": sync_s, "checkpoint": save_s},
-        )
+        return gate, health, self.rollout.metrics(), self.store.stats().as_metrics()
+
+    def log_step(self, batch, stats: list[TrainStats], observed: tuple, seconds: dict[str, float]) -> None:
+        gate, health, rollout_metrics, store_metrics = observed
+        trained_version = self.version - 1
+        staleness = [trained_version - m.min_version for m in batch]
+        self.staleness_max_seen = max(self.staleness_max_seen, max(staleness))
+        metrics = step_metrics(self.version, staleness, gate, stats, health, len(batch), seconds)
         metrics.update(episode_step_metrics(metrics, self._previous_metrics))
         self._previous_metrics = dict(metrics)
-        metrics.update(self.rollout.metrics())
-        metrics.update(self.store.stats().as_metrics())
+        metrics.update(rollout_metrics)
+        metrics.update(store_metrics)
         metrics["train/group_split_imbalance"] = self.split_imbalance
         metrics["datastore/lost_groups_total"] = gate.lost_total
         metrics["realloc/group_rebuilds_total"] = self.weights.rebuilds_total

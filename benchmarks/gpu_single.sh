@@ -14,7 +14,7 @@ run() {
   timeout "${LIMIT:-900}" python -m areal_like.cli bench "$@" --out "$file" > "/tmp/bench-$name.log" 2>&1
   grep -v "INFO\|Writing model\|Loading weights\|it/s\]" "/tmp/bench-$name.log" | tail -"${TAIL:-12}"
   if [ -n "${JSONL:-}" ]; then
-    [ -f "$file" ] && { printf '{"name": "%s", "result": ' "$name"; cat "$file"; echo "}"; } >> "$out/bench.jsonl"
+    [ -f "$file" ] && { printf '{"name": "%s", "result": ' "$name"; tr -d "\n" < "$file"; echo "}"; } >> "$out/bench.jsonl"
     grep -E "torch.compile take|[Cc]apturing|Model loading took|init engine|Compil|started in" "/tmp/bench-$name.log" \
       | sed "s/^/$name: /" >> "$out/startup.log"
   fi

@@ -40,6 +40,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--gpu-mem", type=float, default=0.45, help="vLLM gpu_memory_utilization")
     parser.add_argument("--busy", type=int, default=32, help="long requests generating during the syncs")
     parser.add_argument("--verify", action="store_true", help="sha256 of engine vs trainer weights")
+    parser.add_argument("--eager", action="store_true", help="vLLM enforce_eager (no CUDA graphs)")
     parser.add_argument("--model-dir", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -59,6 +60,7 @@ def main(argv: list[str]) -> int:
         bench="gpu_sync",
         shape=args.shape,
         placement=args.placement,
+        vllm_enforce_eager=args.eager,
         sync_median_s=round(sync, 5),
         floor_median_s=round(floor, 5),
         ratio=round(sync / floor, 3),
@@ -91,7 +93,7 @@ def _engine(args, model_dir: str):
     from rollout.engine import SamplingParams
     from rollout.vllm_engine import VLLMEngine
 
-    config = VLLMConfig(enforce_eager=True, gpu_memory_utilization=args.gpu_mem, max_model_len=4096)
+    config = VLLMConfig(enforce_eager=args.eager, gpu_memory_utilization=args.gpu_mem, max_model_len=4096)
     engine = VLLMEngine(model_dir, config, max_batch_size=max(args.busy, 1), seed=0)
     for i in range(args.busy):  # keeps decoding through every sync
         engine.submit([(7 * i + j) % 1000 for j in range(64)], SamplingParams(max_new_tokens=4000))

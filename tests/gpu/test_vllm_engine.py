@@ -222,19 +222,24 @@ def _recompute_many(path: str, pairs: list[tuple[list[int], list[int]]]) -> list
     return out
 
 
+RESPONSE = 400
+
+
 def test_every_token_carries_the_version_of_the_weights_that_sampled_it(engine, models):
     """A swap (a -> b) lands while 256 requests decode. The engine core reports how many tokens each
     request had at the swap; each token's label must name the weights whose log-prob it carries."""
     import numpy as np
 
     engine.update_weights(_bf16_state(models[0]), version=10, timeout_s=120)
+    state_b = _bf16_state(models[1])  # ready before the requests: the tiny model decodes fast
     rng = np.random.default_rng(7)
     prompts = [rng.integers(3, 20, int(rng.integers(3, 8))).tolist() for _ in range(256)]
-    handles = [engine.submit(p, _params(120)) for p in prompts]
+    start_steps = engine.load().decode_steps_total
+    handles = [engine.submit(p, _params(RESPONSE)) for p in prompts]
     deadline = time.monotonic() + 60
-    while engine.load().decode_steps_total < 256 * 3 and time.monotonic() < deadline:
-        time.sleep(0.002)
-    engine.update_weights(_bf16_state(models[1]), version=11, timeout_s=120)
+    while engine.load().decode_steps_total < start_steps + 256 * 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    engine.update_weights(state_b, version=11, timeout_s=120)
     swap = dict(engine.last_swap_s)
     outs = [h.result(timeout_s=300) for h in handles]
     cuts = []
@@ -242,7 +247,7 @@ def test_every_token_carries_the_version_of_the_weights_that_sampled_it(engine, 
         k = out.versions.count(10)
         assert out.versions == [10] * k + [11] * (len(out.versions) - k)
         cuts.append(k)
-    spanning = sum(0 < k < 120 for k in cuts)
+    spanning = sum(0 < k < RESPONSE for k in cuts)
     assert spanning >= 128, f"only {spanning} of 256 samples span the swap (cuts {sorted(cuts)[:10]}...)"
     pairs = [(p, o.response_ids) for p, o in zip(prompts, outs, strict=True)]
     ref_a, ref_b = _recompute_many(models[0], pairs), _recompute_many(models[1], pairs)
