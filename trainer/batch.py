@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trainer.algorithms import token_logprobs_and_entropy
+
 
 @dataclass
 class SequenceSample:
@@ -140,6 +142,14 @@ class MicroBatch:
             use_cache=False,  # a cache disables packed-sequence detection and is useless in training
         )
 
+    def scored_positions(self) -> torch.Tensor:
+        """Sorted columns of [B, L] that hold some sample's response targets: the only positions
+        whose logits a loss reads (at least one, so an empty micro-batch still runs the head)."""
+        columns = {
+            p for start, k in zip(self.starts, self.lengths, strict=True) for p in range(start, start + k)
+        }
+        return torch.tensor(sorted(columns) or [0], dtype=torch.long, device=self.targets.device)
+
     def scatter(self, source: torch.Tensor) -> torch.Tensor:
         """Response-layout values [N, R] -> this micro-batch's layout [B, L] (0 off the spans)."""
         out = torch.zeros(self.targets.shape, dtype=source.dtype, device=self.targets.device)
@@ -152,6 +162,22 @@ class MicroBatch:
         values = values.detach().to(dest.device, dest.dtype)
         for i, row, start, k in zip(self.sample_index, self.rows, self.starts, self.lengths, strict=True):
             dest[i, :k] = values[row, start : start + k]
+
+
+def response_logprobs(
+    model, micro: MicroBatch, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropy) [B, L] of ``micro``'s targets under ``model``, 0 off the scored
+    positions. The output head runs only at ``micro.scored_positions()`` (transformers'
+    ``logits_to_keep``): with a 152k-token vocabulary the head over the prompt positions is most of
+    a small model's forward and backward, and no loss reads it."""
+    keep = micro.scored_positions()
+    logits = model(**micro.model_inputs(), logits_to_keep=keep).logits  # [B, K, V]
+    logp, entropy = token_logprobs_and_entropy(logits, micro.targets[:, keep], temperature, with_entropy)
+    shape = micro.targets.shape
+    full_logp = logp.new_zeros(shape).index_copy(1, keep, logp)
+    full_entropy = None if entropy is None else entropy.new_zeros(shape).index_copy(1, keep, entropy)
+    return full_logp, full_entropy
 
 
 def _sequence(sample: SequenceSample) -> torch.Tensor:

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from areal_like.core.net import free_port
-from trainer.algorithms import loss_token_weights, sft_loss, token_logprobs
-from trainer.batch import SequenceSample, collate_micro_batch, dummy_micro_batch
+from trainer.algorithms import loss_token_weights, sft_loss
+from trainer.batch import SequenceSample, collate_micro_batch, dummy_micro_batch, response_logprobs
 from trainer.collectives import all_reduce_floats
 from trainer.config import LR_SCHEDULES, OPTIMIZERS, check_one_of
 from trainer.deepspeed_engine import EngineSpec, init_distributed, load_train_model, make_engine
@@ -231,7 +231,7 @@ class SFTRank:
             else:
                 micro = dummy_micro_batch(self.pad_id)
             micro = micro.to(self.device)
-            logp = token_logprobs(self.engine(**micro.model_inputs()).logits, micro.targets)
+            logp, _ = response_logprobs(self.engine, micro)
             weights = loss_token_weights(micro.loss_mask, "token_mean", global_tokens, 1.0)
             loss = sft_loss(logp, weights)
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)

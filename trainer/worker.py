@@ -36,8 +36,6 @@ from trainer.algorithms import (
     kl_estimate,
     loglinear_prox_logp,
     loss_token_weights,
-    token_logprobs,
-    token_logprobs_and_entropy,
 )
 from trainer.batch import (
     MicroBatch,
@@ -45,6 +43,7 @@ from trainer.batch import (
     SequenceSample,
     collate_micro_batch,
     dummy_micro_batch,
+    response_logprobs,
     split_even,
 )
 from trainer.checkpoint_engine import WriteProgress
@@ -268,11 +267,11 @@ class TrainerRank:
         )
 
     def _policy_logp(self, micro: MicroBatch) -> torch.Tensor:
-        return token_logprobs(self.engine(**micro.model_inputs()).logits, micro.targets, self.temperature)
+        return response_logprobs(self.engine, micro, self.temperature)[0]
 
     def _ref_logp(self, micro: MicroBatch) -> torch.Tensor:
         assert self.ref is not None, "a reference model is loaded whenever KL is configured"
-        return token_logprobs(self.ref(**micro.model_inputs()).logits, micro.targets, self.temperature)
+        return response_logprobs(self.ref, micro, self.temperature)[0]
 
     @torch.no_grad()
     def _no_grad_pass(self, minibatches: list[_Minibatch], layout: ResponseLayout, fn) -> torch.Tensor:
@@ -351,8 +350,7 @@ class TrainerRank:
         cfg = self.config
         behav = micro.scatter(layout.behav_logp)
         weights = micro.scatter(tensors["weights"])
-        logits = self.engine(**micro.model_inputs()).logits
-        logp, entropy = token_logprobs_and_entropy(logits, micro.targets, self.temperature)
+        logp, entropy = response_logprobs(self.engine, micro, self.temperature, with_entropy=True)
         if tensors["prox"] is not None:
             prox = micro.scatter(tensors["prox"])
         elif cfg.use_decoupled_loss:  # loglinear approximation from per-token versions

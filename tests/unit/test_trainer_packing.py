@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from areal_like.core.models import ModelBuildConfig, make_model
-from trainer.algorithms import token_logprobs
-from trainer.batch import ResponseLayout, SequenceSample, collate, collate_micro_batch, collate_packed
+from trainer.algorithms import token_logprobs, token_logprobs_and_entropy
+from trainer.batch import (
+    ResponseLayout,
+    SequenceSample,
+    collate,
+    collate_micro_batch,
+    collate_packed,
+    response_logprobs,
+)
 from trainer.deepspeed_engine import lr_multiplier
 from trainer.packing import balanced_partition, imbalance, keep_local, plan_micro_batches
 
@@ -110,6 +117,38 @@ def test_packed_and_padded_micro_batches_give_the_same_log_probs():
     assert collate_packed(samples, indices, row_tokens=None, width=80).input_ids.shape == (1, 80)
     packed = collate_packed(samples, indices, row_tokens=None)
     assert packed.input_ids.shape[0] == 1 and packed.num_slots == sum(s.length for s in samples)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_the_head_on_scored_positions_only_gives_the_full_head_log_probs_and_gradients(layout):
+    """``response_logprobs`` computes logits only where responses sit; values and gradients must
+    equal the full-head path's (a wrong column, or a lost gradient through ``index_copy``, breaks it)."""
+    rng = np.random.default_rng(1)
+    samples = [sample(p, r, rng) for p, r in [(9, 3), (14, 5), (6, 1), (11, 4)]]
+    indices = list(range(len(samples)))
+    micro = collate(samples, indices) if layout == "padded" else collate_packed(samples, indices, None)
+    model, _ = make_model(ModelBuildConfig(hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1))
+    model.eval()
+    keep = micro.scored_positions()
+    assert len(keep) < micro.targets.shape[1]  # the prompts are not scored: the point of it
+    results = {}
+    for name in ("full", "scored"):
+        model.zero_grad()
+        if name == "full":
+            logp, entropy = token_logprobs_and_entropy(
+                model(**micro.model_inputs()).logits, micro.targets, 0.7
+            )
+        else:
+            logp, entropy = response_logprobs(model, micro, 0.7, with_entropy=True)
+        ((logp * micro.loss_mask).sum() + 0.1 * (logp * micro.loss_mask).pow(2).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results[name] = (logp * micro.loss_mask, entropy * micro.loss_mask, grads)
+    (lp_full, ent_full, g_full), (lp, ent, g) = results["full"], results["scored"]
+    torch.testing.assert_close(lp, lp_full, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ent, ent_full, atol=1e-6, rtol=0)
+    assert float(lp_full.abs().sum()) > 1.0  # something was scored
+    for n in g_full:
+        torch.testing.assert_close(g[n], g_full[n], atol=1e-6, rtol=1e-5, msg=n)
 
 
 @pytest.mark.slow
