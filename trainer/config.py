@@ -113,6 +113,13 @@ class TrainConfig:
     """Prompt groups per train step (AReaL's consumer batch size, in groups)."""
     num_ranks: int = 1
     """DeepSpeed data-parallel ranks (Ray actors; gloo on CPU)."""
+    sequence_parallel: int = 1
+    """Ulysses sequence parallelism: groups of this many consecutive ranks share every micro-batch,
+    each rank running the model on 1/N of its positions (attention trades sequence shards for head
+    shards with two all-to-alls per layer), so num_ranks / sequence_parallel groups train on
+    different data. For responses too long for one GPU's activation memory. Needs sdpa attention,
+    num_ranks divisible by it, the model's attention heads divisible by it, and its KV heads
+    dividing it or divisible by it; no critic (algo: grpo). 1 = off."""
 
     # -- engine ------------------------------------------------------------------------------------
     zero_stage: int = 2
@@ -265,6 +272,7 @@ class TrainConfig:
             "max_steps",
             "batch_groups",
             "num_ranks",
+            "sequence_parallel",
             "micro_batch_size",
             "ppo_minibatches",
             "torch_threads",
@@ -313,6 +321,7 @@ class TrainConfig:
                 "or null for no cap"
             )
         self._check_policy_loss()
+        self._check_sequence_parallel()
         if self.prox_logp == "loglinear" and not self.use_decoupled_loss:
             raise ValueError(
                 "train.prox_logp='loglinear' approximates the decoupled loss's proximal policy; set "
@@ -324,6 +333,27 @@ class TrainConfig:
             raise ValueError(f"train.gae_lambda={self.gae_lambda}: must be in [0, 1]")
         if self.loss_norm_tokens is not None and self.loss_norm_tokens < 1:
             raise ValueError(f"train.loss_norm_tokens={self.loss_norm_tokens}: must be >= 1 or null")
+
+    def _check_sequence_parallel(self) -> None:
+        """What can be checked without the model (its head counts: trainer.sequence_parallel)."""
+        size = self.sequence_parallel
+        if size == 1:
+            return
+        if self.num_ranks % size:
+            raise ValueError(
+                f"train.sequence_parallel={size} must divide train.num_ranks={self.num_ranks} (groups "
+                f"of {size} consecutive ranks share a micro-batch); set num_ranks to a multiple of {size}"
+            )
+        if self.attn_implementation != "sdpa":
+            raise ValueError(
+                f"train.sequence_parallel={size} needs train.attn_implementation='sdpa' (the Ulysses "
+                f"attention runs sdpa on the gathered sequence), not {self.attn_implementation!r}"
+            )
+        if self.algo == "ppo":
+            raise ValueError(
+                f"train.sequence_parallel={size} does not support the critic of train.algo='ppo' yet; "
+                "use train.algo='grpo' or train.sequence_parallel=1"
+            )
 
     def _check_policy_loss(self) -> None:
         floor = self.behav_imp_weight_floor

@@ -188,20 +188,89 @@ def use_ulysses(model, group) -> None:
 
 
 def sequence_parallel_logprobs(
-    model, input_ids, position_ids, targets, group, temperature: float = 1.0, with_entropy: bool = True
+    model,
+    input_ids,
+    position_ids,
+    targets,
+    group,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs (and entropy) [B, L] of a micro-batch whose positions are spread over
-    ``group`` (every rank passes the same full [B, L] tensors and gets the same result)."""
+    ``group`` (every rank passes the same full [B, L] tensors and gets the same result).
+
+    ``keep``: sorted columns of [B, L] whose log-probs are wanted (``MicroBatch.scored_positions``);
+    each rank then runs the output head only at its own ones (transformers' ``logits_to_keep``) and
+    the other columns are 0, as in ``trainer.batch.response_logprobs``. None: every column."""
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     length = input_ids.shape[1]
+    local = shard_length(length, size)
     local_targets = shard_rows(targets, rank, size)
-    logits = model(
+    inputs = dict(
         input_ids=shard_rows(input_ids, rank, size),
         position_ids=shard_positions(position_ids, rank, size),
         use_cache=False,
-    ).logits
-    logp, entropy = token_logprobs_and_entropy(logits, local_targets, temperature, with_entropy)
+    )
+    if keep is None:
+        logits = model(**inputs).logits
+        logp, entropy = token_logprobs_and_entropy(logits, local_targets, temperature, with_entropy)
+    else:
+        lo = rank * local
+        mine = keep[(keep >= lo) & (keep < lo + local)] - lo
+        # A shard without scored columns still runs the head at one column (its value dropped
+        # below), so every parameter takes part in every rank's backward, as ZeRO's reduction needs.
+        run = mine if len(mine) else mine.new_zeros(1)
+        logits = model(**inputs, logits_to_keep=run).logits  # [B, K, V]
+        logp, entropy = token_logprobs_and_entropy(logits, local_targets[:, run], temperature, with_entropy)
+        logp = _place(logp, mine, local)
+        entropy = None if entropy is None else _place(entropy, mine, local)
     logp = gather_rows(logp, group, length)
     if entropy is not None:
         entropy = gather_rows(entropy.detach(), group, length)
     return logp, entropy
+
+
+def _place(values: torch.Tensor, columns: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, K] values at ``columns`` -> [B, width], 0 elsewhere; no columns: zeros that still carry
+    ``values``' graph (with a zero gradient)."""
+    out = values.new_zeros(values.shape[0], width)
+    if len(columns):
+        return out.index_copy(1, columns, values)
+    return out + 0.0 * values[:, :1]
+
+
+# ---- the trainer's groups ----------------------------------------------------------------------------
+def check_model_heads(model_config, size: int) -> None:
+    """ValueError unless the Ulysses attention can split ``model_config``'s heads over ``size`` ranks:
+    the attention heads divisible by it, and the KV heads divisible by it or dividing it (then each
+    rank gets one KV head, replicated next to its query heads)."""
+    heads = model_config.num_attention_heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    if heads % size:
+        raise ValueError(
+            f"train.sequence_parallel={size} must divide the model's {heads} attention heads; "
+            f"pick a divisor of {heads}"
+        )
+    if kv_heads % size and size % kv_heads:
+        raise ValueError(
+            f"train.sequence_parallel={size} and the model's {kv_heads} KV heads must divide one "
+            f"another; pick a divisor or a multiple of {kv_heads} that divides {heads}"
+        )
+    if "sliding_attention" in (getattr(model_config, "layer_types", None) or ()):
+        raise ValueError(
+            f"train.sequence_parallel={size}: the model uses sliding-window attention, which the "
+            "Ulysses attention does not support; set train.sequence_parallel=1"
+        )
+
+
+def new_sequence_parallel_group(rank: int, world_size: int, size: int):
+    """This rank's group of ``size`` consecutive ranks (rank // size is its data-parallel index).
+    Collective: every rank creates every group, in the same order, as ``dist.new_group`` requires."""
+    assert world_size % size == 0, (world_size, size)
+    mine = None
+    for first in range(0, world_size, size):
+        group = dist.new_group(list(range(first, first + size)))
+        if first <= rank < first + size:
+            mine = group
+    return mine

@@ -15,6 +15,13 @@ A train step, as every rank runs it (the controller calls ``train_step`` on all 
    step; a step with a non-finite gradient norm is skipped and counted.
 5. stats: one all-reduce of sums and one of maxima, so every rank returns the global figures.
 Collectives run over gloo on CPU and NCCL on GPU; every rank must receive the same calls.
+
+Sequence parallelism (``train.sequence_parallel`` = N > 1): the W ranks form W / N data-parallel
+groups of N consecutive ranks. Step 1 splits the batch over the groups, not the ranks, so every
+rank of a group holds the same samples and plans the same micro-batches; every forward (no-grad
+passes included) runs through the Ulysses attention on 1/N of each micro-batch's positions and
+all-gathers the log-probs (trainer/sequence_parallel.py), so the losses run unchanged. Sums over
+the batch (token counts, statistics) take each group once: from its first rank.
 """
 
 from __future__ import annotations
@@ -59,6 +66,12 @@ from trainer.deepspeed_engine import (
 )
 from trainer.packing import agree_on_micro_batches, balanced_partition, imbalance, keep_local
 from trainer.policy_losses import needs_segments, policy_loss, span_segments
+from trainer.sequence_parallel import (
+    check_model_heads,
+    new_sequence_parallel_group,
+    sequence_parallel_logprobs,
+    use_ulysses,
+)
 from trainer.stats import TrainStats, check_logp_mismatch, fresh_mismatch, summarize
 
 logger = logging.getLogger(__name__)
@@ -104,10 +117,22 @@ class TrainerRank:
             raise ValueError(
                 "train.loss_agg=seq_mean_token_sum needs train.loss_norm_tokens (or max_new_tokens)"
             )
+        self.sp_size = config.sequence_parallel
+        if world_size % self.sp_size:
+            raise ValueError(
+                f"train.sequence_parallel={self.sp_size} must divide the {world_size} trainer ranks; "
+                f"set train.num_ranks to a multiple of {self.sp_size}"
+            )
+        self.dp_size = world_size // self.sp_size
+        self.dp_rank, self.sp_rank = divmod(rank, self.sp_size)
         self.device = init_distributed(rank, world_size, master_addr, master_port, config.dist_timeout_s)
+        self.sp_group = None
+        if self.sp_size > 1:
+            self.sp_group = new_sequence_parallel_group(rank, world_size, self.sp_size)
         torch.manual_seed(seed)  # new weights (a critic's value head) must match on every rank
         spec = EngineSpec.of_train(config)
         model = load_train_model(model_path, spec)
+        self._use_sequence_parallel(model)
         self.pad_id = model.config.pad_token_id or 0
         self.engine = make_engine(model, spec, world_size)
         self.ref = None
@@ -117,6 +142,7 @@ class TrainerRank:
             stage = 3 if config.zero_stage == 3 else 0
             ref_spec = EngineSpec.of_train(config, zero_stage=stage, gradient_checkpointing=False)
             ref_model = load_train_model(config.kl.ref_model_path or model_path, ref_spec)
+            self._use_sequence_parallel(ref_model)
             self.ref = make_engine(ref_model, ref_spec, world_size, with_optimizer=False)
         self.critic = None
         if config.algo == "ppo":
@@ -129,10 +155,19 @@ class TrainerRank:
         self.skipped_total = 0
         torch.manual_seed(seed + rank)
         logger.info(
-            "trainer rank %d/%d: ZeRO-%d, bf16 %s, algo %s, packing %s, budget %s, ~%d samples/rank",
+            "trainer rank %d/%d: ZeRO-%d, bf16 %s, algo %s, packing %s, budget %s, ~%d samples/rank, "
+            "sequence parallel %d (data-parallel group %d of %d)",
             rank, world_size, config.zero_stage, self.engine.bfloat16_enabled(),
             config.algo, config.packing, config.max_tokens_per_micro_batch, samples_per_rank,
+            self.sp_size, self.dp_rank, self.dp_size,
         )  # fmt: skip
+
+    def _use_sequence_parallel(self, model) -> None:
+        """Route ``model``'s attention through Ulysses over this rank's group (SP > 1 only)."""
+        if self.sp_group is None:
+            return
+        check_model_heads(model.config, self.sp_size)
+        use_ulysses(model, self.sp_group)
 
     # ---- the train step ------------------------------------------------------------------------
     def train_step(self, store, samples_meta: list, policy_version: int | None = None) -> TrainStats:
@@ -192,6 +227,7 @@ class TrainerRank:
         # Insertion order, not rank order: minibatches must not depend on the number of ranks.
         owned.sort(key=lambda x: (x[1][0].seq, x[1][0].sample_id))
         owners = [rank for rank, _ in owned]
+        groups = [r // self.sp_size for r in owners]  # the data-parallel group holding each sample
         metas = [rec[0] for _, rec in owned]
         rewards = torch.tensor([rec[1] for _, rec in owned], dtype=torch.float32)
         scores = sequence_scores(
@@ -204,19 +240,19 @@ class TrainerRank:
         loads = [m.length for m in metas]
         mine: list[int] = []  # global indices of this rank's samples, minibatch by minibatch
         minibatch_sets: list[list[int]] = []  # positions in ``mine``
-        before, after = [0] * self.world_size, [0] * self.world_size
+        before, after = [0] * self.dp_size, [0] * self.dp_size
         for members in split_even(list(range(len(metas))), cfg.ppo_minibatches):
-            if cfg.balance == "none" or self.world_size == 1:
-                parts = [[i for i in members if owners[i] == r] for r in range(self.world_size)]
+            if cfg.balance == "none" or self.dp_size == 1:
+                parts = [[i for i in members if groups[i] == d] for d in range(self.dp_size)]
             else:
-                picked = balanced_partition([loads[i] for i in members], self.world_size, cfg.balance)
-                picked = keep_local(picked, [owners[i] for i in members])
+                picked = balanced_partition([loads[i] for i in members], self.dp_size, cfg.balance)
+                picked = keep_local(picked, [groups[i] for i in members])
                 parts = [[members[j] for j in part] for part in picked]
-            for r in range(self.world_size):
-                before[r] += sum(loads[i] for i in members if owners[i] == r)
-                after[r] += sum(loads[i] for i in parts[r])
-            minibatch_sets.append(list(range(len(mine), len(mine) + len(parts[self.rank]))))
-            mine += parts[self.rank]
+            for d in range(self.dp_size):
+                before[d] += sum(loads[i] for i in members if groups[i] == d)
+                after[d] += sum(loads[i] for i in parts[d])
+            minibatch_sets.append(list(range(len(mine), len(mine) + len(parts[self.dp_rank]))))
+            mine += parts[self.dp_rank]
         have = {m.sample_id: c for m, c in zip(samples_meta, columns, strict=True)}
         missing = [metas[i] for i in mine if metas[i].sample_id not in have]
         if missing:
@@ -266,12 +302,28 @@ class TrainerRank:
             cfg.max_tokens_per_micro_batch,
         )
 
+    def _logprobs(self, model, micro: MicroBatch, with_entropy: bool = False):
+        """Log-probs (and entropy) [B, L] of ``micro``'s targets, 0 off the scored positions; with
+        sequence parallelism every rank of the group gets the whole [B, L] from its shard's part."""
+        if self.sp_group is None:
+            return response_logprobs(model, micro, self.temperature, with_entropy)
+        return sequence_parallel_logprobs(
+            model,
+            micro.input_ids,
+            micro.position_ids,
+            micro.targets,
+            self.sp_group,
+            self.temperature,
+            with_entropy,
+            keep=micro.scored_positions(),
+        )
+
     def _policy_logp(self, micro: MicroBatch) -> torch.Tensor:
-        return response_logprobs(self.engine, micro, self.temperature)[0]
+        return self._logprobs(self.engine, micro)[0]
 
     def _ref_logp(self, micro: MicroBatch) -> torch.Tensor:
         assert self.ref is not None, "a reference model is loaded whenever KL is configured"
-        return response_logprobs(self.ref, micro, self.temperature)[0]
+        return self._logprobs(self.ref, micro)[0]
 
     @torch.no_grad()
     def _no_grad_pass(self, minibatches: list[_Minibatch], layout: ResponseLayout, fn) -> torch.Tensor:
@@ -286,7 +338,7 @@ class TrainerRank:
         local = []
         for mb in minibatches:
             local += [float(layout.loss_mask[mb.sample_index].sum()), float(len(mb.sample_index))]
-        totals = self._all_reduce(local, dist.ReduceOp.SUM)
+        totals = self._sum_over_groups(local)
         weights = layout.zeros()
         for m, mb in enumerate(minibatches):
             if mb.sample_index:
@@ -300,9 +352,8 @@ class TrainerRank:
         return weights
 
     def _global_normalize(self, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        total, total_sq, count = self._all_reduce(
-            [float((advantages * mask).sum()), float((advantages**2 * mask).sum()), float(mask.sum())],
-            dist.ReduceOp.SUM,
+        total, total_sq, count = self._sum_over_groups(
+            [float((advantages * mask).sum()), float((advantages**2 * mask).sum()), float(mask.sum())]
         )
         mean = total / max(count, 1.0)
         var = max(total_sq / max(count, 1.0) - mean**2, 0.0) * count / max(count - 1.0, 1.0)
@@ -339,7 +390,7 @@ class TrainerRank:
         if cfg.logp_mismatch_warn is None and cfg.logp_mismatch_stop is None:
             return
         local = [sums["fresh_diff"], sums["fresh_tokens"], sums["first_tokens"]]
-        diff_sum, fresh_tokens, loss_tokens = self._all_reduce(local, dist.ReduceOp.SUM)
+        diff_sum, fresh_tokens, loss_tokens = self._sum_over_groups(local)
         check_logp_mismatch(
             cfg, diff_sum, fresh_tokens, loss_tokens, version=self.policy_version, log=self.rank == 0
         )
@@ -350,7 +401,7 @@ class TrainerRank:
         cfg = self.config
         behav = micro.scatter(layout.behav_logp)
         weights = micro.scatter(tensors["weights"])
-        logp, entropy = response_logprobs(self.engine, micro, self.temperature, with_entropy=True)
+        logp, entropy = self._logprobs(self.engine, micro, with_entropy=True)
         if tensors["prox"] is not None:
             prox = micro.scatter(tensors["prox"])
         elif cfg.use_decoupled_loss:  # loglinear approximation from per-token versions
@@ -375,8 +426,11 @@ class TrainerRank:
             sums["kl"] += float((kl.detach() * micro.loss_mask).sum())
             if cfg.kl.placement == "loss":
                 loss = loss + cfg.kl.coef * (kl * weights).sum()
-        # The engine averages gradients over ranks; token weights already divide by the global
-        # minibatch, so scaling by world_size makes the update the global aggregate.
+        # The engine averages gradients over all world_size ranks; token weights already divide by
+        # the global minibatch, so scaling by world_size makes the update the global aggregate. With
+        # sequence parallelism the factor is the same: the ranks of a group hold the loss of the
+        # same samples, but each only its shard's part of the gradient, and those parts sum to the
+        # group's gradient (world_size x the average = the sum over groups of their gradients).
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
         if self.critic is not None:
             value_loss, value_clipped = self.critic.backward(
@@ -427,24 +481,34 @@ class TrainerRank:
 
     def _stats(self, sums, maxes, info, batch, num_samples, layout, times) -> TrainStats:
         keys, mkeys = sorted(sums), sorted(maxes)
-        totals = dict(zip(keys, self._all_reduce([sums[k] for k in keys], dist.ReduceOp.SUM), strict=True))
+        totals = dict(zip(keys, self._sum_over_groups([sums[k] for k in keys]), strict=True))
         peaks = dict(zip(mkeys, self._all_reduce([maxes[k] for k in mkeys], dist.ReduceOp.MAX), strict=True))
         info = dict(info, lr=float(self.engine.get_lr()[0]), skipped_total=self.skipped_total)
+        # The controller adds the ranks' counts: a sequence-parallel group reports its samples once.
+        first = self.sp_rank == 0
         return summarize(
             self.config,
-            self.world_size,
+            self.dp_size,
             totals,
             peaks,
             info,
             batch,
-            num_samples,
-            int(layout.mask.sum()),
+            num_samples if first else 0,
+            int(layout.mask.sum()) if first else 0,
             times,
         )
 
     # ---- collectives ---------------------------------------------------------------------------
     def _all_reduce(self, values: list[float], op) -> list[float]:
         return all_reduce_floats(values, op, self.world_size, self.device)
+
+    def _sum_over_groups(self, values: list[float]) -> list[float]:
+        """Sums over the data-parallel groups: the ranks of a sequence-parallel group hold the same
+        samples and compute the same figures from them, so only each group's first rank adds its
+        values. Without sequence parallelism, the sum over ranks."""
+        if self.sp_rank:
+            values = [0.0] * len(values)
+        return self._all_reduce(values, dist.ReduceOp.SUM)
 
     def _all_gather(self, obj) -> list:
         if self.world_size == 1:

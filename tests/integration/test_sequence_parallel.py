@@ -1,7 +1,11 @@
 """Ulysses sequence parallelism (trainer/sequence_parallel.py) over 2 gloo ranks against the
 non-parallel step: the same loss and, summed over the group, the same gradients within 1e-5, on
 packed and padded micro-batches, for GQA with more and fewer KV heads than ranks. The loss is
-GSPO's, whose sequence ratio spans both ranks' shards."""
+GSPO's, whose sequence ratio spans both ranks' shards. With ``keep`` (the trainer's path: the output
+head only at the scored columns) the log-probs and gradients equal ``response_logprobs``', also on
+a one-token micro-batch whose second shard has no scored column. (The padding of a padded
+micro-batch is scored differently: the Ulysses attention takes no attention mask, so a pad token
+attends to the pads before it; no loss reads a pad position.)"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import torch.distributed as dist
 
 from areal_like.core.net import free_port
 from tests.spawned import run_spawned
-from trainer.batch import SequenceSample, collate, collate_packed
+from trainer.batch import SequenceSample, collate, collate_packed, dummy_micro_batch, response_logprobs
 from trainer.config import TrainConfig
 
 pytestmark = pytest.mark.slow
@@ -96,8 +100,49 @@ def _job(rank, port, model_dirs, out):
             results[f"{shape}/{name}"] = dict(
                 loss=float(loss), ref=float(ref_loss), grad_diff=worst, length=micro.input_ids.shape[1]
             )
+        layouts_keep = dict(layouts, dummy=dummy_micro_batch())
+        for name, micro in layouts_keep.items():
+            results[f"keep/{shape}/{name}"] = _compare_keep(model_dir, micro, load)
     out.put((rank, results))
     dist.destroy_process_group()
+
+
+def _compare_keep(model_dir, micro, load) -> dict:
+    """``sequence_parallel_logprobs(keep=...)`` against ``response_logprobs`` on a weighted mean of
+    the log-probs on the response spans (the dummy micro-batch has none: its one token)."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.sequence_parallel import sequence_parallel_logprobs, use_ulysses
+
+    span = micro.loss_mask if micro.sample_index else torch.ones_like(micro.loss_mask)
+    weights = (torch.rand(span.shape, generator=torch.Generator().manual_seed(2)) + 0.5) * span / span.sum()
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, **load)
+    ref_logp, ref_entropy = response_logprobs(reference, micro, 0.7, with_entropy=True)
+    ref_loss = (ref_logp * weights).sum()
+    ref_loss.backward()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **load)
+    use_ulysses(model, dist.group.WORLD)
+    keep = micro.scored_positions()
+    logp, entropy = sequence_parallel_logprobs(
+        model, micro.input_ids, micro.position_ids, micro.targets, dist.group.WORLD, 0.7, True, keep=keep
+    )
+    loss = (logp * weights).sum()
+    loss.backward()
+    worst, missing = 0.0, 0
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        missing += p.grad is None
+        grad = torch.zeros_like(p) if p.grad is None else p.grad.clone()
+        dist.all_reduce(grad)
+        worst = max(worst, float((grad - q.grad).abs().max()))
+    return dict(
+        loss=float(loss),
+        ref=float(ref_loss),
+        grad_diff=worst,
+        logp_diff=float(((logp - ref_logp) * span).abs().max()),
+        entropy_diff=float(((entropy - ref_entropy) * span).abs().max()),
+        missing_grads=missing,
+        num_kept=len(keep),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +171,14 @@ def test_two_sequence_parallel_ranks_match_the_single_rank_step(results, shape, 
         assert abs(r["loss"] - r["ref"]) <= 1e-5, (rank, r)
         assert r["grad_diff"] <= 1e-5, (rank, r)
     assert results[0][key]["loss"] == results[1][key]["loss"]  # both ranks hold the whole loss
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("layout", ["packed", "packed_rows", "padded", "dummy"])
+def test_the_output_head_at_scored_columns_only_matches_response_logprobs(results, shape, layout):
+    for rank in (0, 1):
+        r = results[rank][f"keep/{shape}/{layout}"]
+        assert abs(r["loss"] - r["ref"]) <= 1e-5, (rank, r)
+        assert r["logp_diff"] <= 1e-5 and r["entropy_diff"] <= 1e-5, (rank, r)
+        assert r["grad_diff"] <= 1e-5, (rank, r)
+        assert r["missing_grads"] == 0, (rank, r)  # a shard without scored columns still backprops
