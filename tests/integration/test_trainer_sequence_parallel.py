@@ -91,25 +91,28 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir):
+def results(model_dir):
+    """The reference, the 2-rank and the 4-rank runs, all at once (their start-up overlaps)."""
     jobs = [(_reference_job, (free_port("127.0.0.1"), model_dir))]
-    return run_spawned(jobs, timeout_s=300, what="single-rank trainer")["reference"]
-
-
-def _run(model_dir, world):
-    port = free_port("127.0.0.1")
-    jobs = [(_sequence_parallel_job, (r, world, port, model_dir)) for r in range(world)]
-    return run_spawned(jobs, timeout_s=480, what="sequence-parallel trainer rank")
+    for world in (2, 4):
+        port = free_port("127.0.0.1")
+        jobs += [(_sequence_parallel_job, (r, world, port, model_dir)) for r in range(world)]
+    return run_spawned(jobs, timeout_s=600, what="trainer rank")
 
 
 @pytest.fixture(scope="module")
-def two_ranks(model_dir):
-    return _run(model_dir, 2)
+def reference(results):
+    return results["reference"]
 
 
 @pytest.fixture(scope="module")
-def four_ranks(model_dir):
-    return _run(model_dir, 4)
+def two_ranks(results):
+    return {k: v for k, v in results.items() if k.startswith("w2/")}
+
+
+@pytest.fixture(scope="module")
+def four_ranks(results):
+    return {k: v for k, v in results.items() if k.startswith("w4/")}
 
 
 def assert_matches(got: dict, want: dict) -> None:
