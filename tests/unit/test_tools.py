@@ -185,6 +185,7 @@ def test_the_trainer_gives_environment_tokens_no_weight_and_no_gradient_in_packe
     layout = ResponseLayout.of(samples)
     rank = object.__new__(TrainerRank)  # only the pieces _token_weights reads
     rank.config, rank.world_size, rank.device, rank.norm_tokens = TrainConfig(), 1, torch.device("cpu"), None
+    rank.sp_rank = 0  # no sequence parallelism: every rank's sums count
     micro = collate_packed(samples, [0, 1], None)
     weights = rank._token_weights([_Minibatch([0, 1], [micro])], layout)
     assert torch.equal(weights[0, :7] > 0, torch.from_numpy(mask.astype(bool)))
