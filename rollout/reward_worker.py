@@ -184,9 +184,10 @@ class _Call:
     started: float
     data: bytearray = dataclasses.field(default_factory=bytearray)
     cpu_ticks: int | None = None
-    """CPU clock ticks of the child's process tree at the last measurement; None before the first."""
+    """CPU clock ticks of the child's process tree at the last measurement (0 at the fork: a new
+    process's CPU time starts at zero, so the first measurement already tells idle from busy)."""
     measured_at: float = -math.inf
-    """monotonic time of the last measurement."""
+    """monotonic time of the last measurement (the fork's, before the first)."""
     busy: bool | None = None
     """Used at least ``_BUSY_SHARE`` of a core since the previous measurement; None until measured."""
 
@@ -377,7 +378,8 @@ def _fork_call(
         os.setpgid(pid, pid)
     os.close(write_fd)
     os.set_blocking(read_fd, False)
-    return _Call(chunk_id, position, job, pid, read_fd, time.monotonic())
+    started = time.monotonic()
+    return _Call(chunk_id, position, job, pid, read_fd, started, cpu_ticks=0, measured_at=started)
 
 
 def _decode_reply(data: bytearray) -> RewardResult | None:

@@ -30,6 +30,19 @@ def test_a_batch_of_sleeping_rewards_takes_about_two_timeouts_not_one_per_item()
     assert pool.counters["worker_restarts"] == 0
 
 
+def test_a_step_sized_batch_of_sleeping_rewards_also_takes_about_two_timeouts():
+    # 512 = 32 groups x 16 samples. Every call after the first runs at once (task.reward_pool.
+    # concurrency covers the batch; at 256 it took a third timeout), ramped up within a few ticks.
+    timeout_s = 3.0
+    with RewardPool(f"{FIXTURES}:sleep_unless_fast", timeout_s=timeout_s) as pool:
+        pool.score([("fast", "")])
+        started = time.monotonic()
+        results = pool.score([(str(i), "") for i in range(512)])
+        elapsed_s = time.monotonic() - started
+    assert {r.status for r in results} == {"timeout"}
+    assert elapsed_s < 2 * timeout_s + 2.5, elapsed_s  # measured 6.9-7.1 s; 10 s at concurrency 256
+
+
 def test_concurrent_calls_that_compute_run_about_one_per_core(tmp_path):
     # After the first call times out the rest run in forked children. Those that compute must not
     # all start at once: 12 calls sharing 2 cores would each take 6x longer and could time out.
