@@ -40,7 +40,7 @@ def test_a_step_sized_batch_of_sleeping_rewards_also_takes_about_two_timeouts():
         results = pool.score([(str(i), "") for i in range(512)])
         elapsed_s = time.monotonic() - started
     assert {r.status for r in results} == {"timeout"}
-    assert elapsed_s < 2 * timeout_s + 2.5, elapsed_s  # measured 6.9-7.1 s; 10 s at concurrency 256
+    assert elapsed_s < 2 * timeout_s + 2.5, elapsed_s  # measured 6.9-7.1 s; 9.7 s at concurrency 256
 
 
 def test_concurrent_calls_that_compute_run_about_one_per_core(tmp_path):
