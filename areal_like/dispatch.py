@@ -98,11 +98,14 @@ class PromptDispatcher:
             logger.warning("finish: %d group(s) were already handed back; ignored", late)
         self.gate.on_finished(len(accepted), len(rejected))
 
-    def abandon(self, group_ids: list[int]) -> None:
-        """A worker failed with these groups in flight: free their slots and requeue their prompts."""
+    def abandon(self, group_ids: list[int]) -> int:
+        """A worker failed with these groups in flight: free their slots and requeue their prompts.
+        Ids no longer in flight (finished meanwhile, or repeated) are ignored; returns how many were
+        requeued."""
         indices = [self._in_flight.pop(gid) for gid in group_ids if gid in self._in_flight]
         self._requeue.extend(indices)
         self.gate.on_abandoned(len(indices))
+        return len(indices)
 
     # ---- called by the controller --------------------------------------------------------------
     def set_version(self, version: int) -> None:

@@ -20,7 +20,8 @@ What pulling alone does not give is failure handling; ``RolloutSupervisor`` adds
   minus every group an answering worker reports in flight (a worker that retired itself included:
   it finishes or hands back its own). A worker records acquired groups under the same lock as its
   ``acquire`` call and drops them only after ``finish``, so no answering worker's group is in that
-  difference; a group finished in between is in it, but ``abandon`` ignores finished ids. A killed
+  difference; a group finished in between is in it, but ``abandon`` ignores finished ids (and
+  the resubmitted count, and its warning, count only the groups it requeued). A killed
   worker is waited for until its actor is gone before its groups are handed back.
 - Restart: given ``make_worker``, a retired worker is replaced by a fresh actor (up to
   ``max_restarts``), which loads the last weights sent and starts its loop before it rejoins; the
@@ -211,9 +212,10 @@ class RolloutSupervisor:
             )
 
     def _resubmit(self, group_ids: list[int], why: str) -> None:
-        ray.get(self._dispatcher.abandon.remote(group_ids), timeout=_RPC_TIMEOUT_S)
-        logger.warning("resubmitted %d prompt groups %s", len(group_ids), why)
-        self.groups_resubmitted_total += len(group_ids)
+        requeued: int = ray.get(self._dispatcher.abandon.remote(group_ids), timeout=_RPC_TIMEOUT_S)
+        if requeued:  # the others finished between the in-flight read and the health answers
+            logger.warning("resubmitted %d prompt groups %s", requeued, why)
+        self.groups_resubmitted_total += requeued
 
     def start_replacements(self) -> None:
         """Start the replacements made with ``defer_start`` (call once they hold the current weights)."""

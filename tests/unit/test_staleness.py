@@ -106,7 +106,8 @@ def test_abandoned_groups_are_requeued_and_free_their_slot():
     d = _dispatcher(n=5, eta=0, batch=2)
     groups = d.acquire(2)
     assert d.acquire(1) == []
-    d.abandon([groups[1].group_id, groups[1].group_id, 999])  # repeats and unknown ids are ignored
+    # repeats and unknown (or finished) ids are ignored, and not counted
+    assert d.abandon([groups[1].group_id, groups[1].group_id, 999]) == 1
     assert d.gate_state().running == 1
     again = d.acquire(1)
     assert again[0].prompt.prompt_id == groups[1].prompt.prompt_id
