@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 import numpy as np
 import pytest
 
@@ -13,7 +10,8 @@ from datastore.index import MetadataIndex
 from datastore.packing import pack_rows, unpack_rows
 from datastore.policies import FreshestFirst, OldestFirst, make_sampling_policy
 from datastore.types import SampleMetaColumns
-from datastore.wire import WireClient, WireError, WireServer
+from datastore.wire import WireClient, WireError
+from tests.unit.test_datastore_wire import serving
 from trainer.packing import imbalance, split_for_ranks
 
 COLUMNS = ("response_ids", "reward")
@@ -188,23 +186,8 @@ class _Echo:
 
 @pytest.fixture
 def echo_server():
-    loop = asyncio.new_event_loop()
-    started: dict = {}
-
-    def serve():
-        asyncio.set_event_loop(loop)
-        server = started["server"] = WireServer(_Echo(), {"echo", "fail"}, b"s" * 32)
-        started["endpoint"] = loop.run_until_complete(server.start("127.0.0.1", "node-a"))
-        loop.run_forever()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    while "endpoint" not in started:
-        thread.join(0.01)
-    yield started["endpoint"]
-    asyncio.run_coroutine_threadsafe(started["server"].close(), loop).result(5)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
+    with serving(_Echo(), {"echo", "fail"}) as (_, endpoint):
+        yield endpoint
 
 
 def test_wire_calls_carry_arrays_and_errors_and_refuse_a_wrong_secret(echo_server):

@@ -23,14 +23,15 @@ class _Echo:
 
 
 @contextlib.contextmanager
-def serving(**options):
-    """A WireServer on 127.0.0.1 in a thread of its own; yields (server, endpoint)."""
+def serving(handler=None, methods=frozenset({"echo"}), **options):
+    """A WireServer for ``handler`` (an echo by default) on 127.0.0.1 in a thread of its own;
+    yields (server, endpoint)."""
     loop = asyncio.new_event_loop()
     started: dict = {}
 
     def serve():
         asyncio.set_event_loop(loop)
-        server = started["server"] = WireServer(_Echo(), {"echo"}, SECRET, **options)
+        server = started["server"] = WireServer(handler or _Echo(), set(methods), SECRET, **options)
         started["endpoint"] = loop.run_until_complete(server.start("127.0.0.1", "node-a"))
         loop.run_forever()
 
