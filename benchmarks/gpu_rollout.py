@@ -11,7 +11,9 @@ AsyncLLM client, as a rollout worker does. Engines run one after the other on th
 timed from the first request to the last token (engine start-up excluded and reported apart).
 ``--stream-intervals 1,16`` runs ours once per ``rollout.vllm.stream_interval`` (tokens per output
 delta the client handles), each on a fresh engine; ``ours_over_raw`` is that of the last one.
-GPU only. Last line: JSON with ``ours_over_raw`` (target >= 0.97).
+``--mixes 256:256:1024,1024:1024:8192`` runs several workloads (requests:median:cap) on the same
+engines (one start each; ``max_num_seqs`` and ``max_model_len`` fit the largest).
+GPU only. Last line: JSON with ``ours_over_raw`` per mix and ``ours_over_raw_min`` (target >= 0.97).
 """
 
 from __future__ import annotations
@@ -31,6 +33,18 @@ def lognormal_lengths(n: int, median: int, cap: int, seed: int, sigma: float = 1
     return [int(min(max(round(median * np.exp(sigma * z)), 1), cap)) for z in rng.standard_normal(n)]
 
 
+def parse_mixes(text: str) -> list[tuple[int, int, int]]:
+    """``"256:256:1024,1024:1024:8192"`` -> [(requests, median, cap), ...]."""
+    mixes = []
+    for part in text.split(","):
+        fields = part.strip().split(":")
+        if len(fields) != 3 or not all(f.isdigit() and int(f) > 0 for f in fields):
+            raise SystemExit(f"--mixes: {part!r} is not requests:median:cap (positive integers)")
+        requests, median, cap = (int(f) for f in fields)
+        mixes.append((requests, median, cap))
+    return mixes
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="areal-like bench gpu_rollout", description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="1.5b", help="model shape (benchmarks/_models.py)")
@@ -38,6 +52,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--median", type=int, default=1024, help="median forced response length")
     parser.add_argument("--cap", type=int, default=6144, help="longest response")
+    parser.add_argument(
+        "--mixes", default=None,
+        help="several workloads on the same two engines: requests:median:cap,... (overrides the three above)",
+    )  # fmt: skip
     parser.add_argument("--eager", action="store_true", help="enforce_eager (no CUDA graphs) for both")
     parser.add_argument("--stream-intervals", default="16", help="comma-separated; ours runs once per value")
     parser.add_argument("--gpu-mem", type=float, default=0.85)
@@ -45,6 +63,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default=None, help="also write the JSON result to this file")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    mixes = parse_mixes(args.mixes) if args.mixes else [(args.requests, args.median, args.cap)]
+    intervals = [int(v) for v in args.stream_intervals.split(",")]
 
     import torch
 
@@ -53,32 +73,41 @@ def main(argv: list[str]) -> int:
     from rollout.config import VLLMConfig
     from rollout.engine import SamplingParams
 
-    model_dir = random_qwen2(args.shape, args.model_dir or tempfile.mkdtemp(), args.prompt_len + args.cap + 8)
+    longest = args.prompt_len + max(cap for _, _, cap in mixes) + 8
+    model_dir = random_qwen2(args.shape, args.model_dir or tempfile.mkdtemp(), longest)
     vocab = SHAPES[args.shape]["vocab_size"]
-    rng = np.random.default_rng(args.seed)
-    prompts = [rng.integers(0, vocab, args.prompt_len).tolist() for _ in range(args.requests)]
-    lengths = lognormal_lengths(args.requests, args.median, args.cap, args.seed + 1)
-    total = sum(lengths)
+    workloads = []
+    for i, (requests, median, cap) in enumerate(mixes):
+        rng = np.random.default_rng(args.seed + 100 * i)
+        prompts = [rng.integers(0, vocab, args.prompt_len).tolist() for _ in range(requests)]
+        lengths = lognormal_lengths(requests, median, cap, args.seed + 100 * i + 1)
+        workloads.append((prompts, lengths))
+    max_seqs = max(requests for requests, _, _ in mixes)
     config = VLLMConfig(
         enforce_eager=args.eager,
         gpu_memory_utilization=args.gpu_mem,
-        max_model_len=args.prompt_len + args.cap + 8,
+        max_model_len=longest,
         enable_prefix_caching=False,
     )
-    ours_params = [SamplingParams(max_new_tokens=n, temperature=1.0) for n in lengths]
 
-    # Raw vLLM: the offline engine, whole batch at once.
+    # Raw vLLM: the offline engine, each whole batch at once.
     start = time.perf_counter()
-    llm = adapter.start_offline_llm(model_dir, config, max_num_seqs=args.requests, seed=args.seed)
+    llm = adapter.start_offline_llm(model_dir, config, max_num_seqs=max_seqs, seed=args.seed)
     raw_start_s = time.perf_counter() - start
-    raw_params = [
-        adapter.sampling_params(p, seed=args.seed + i, stream=False) for i, p in enumerate(ours_params)
-    ]
-    adapter.offline_generate(llm, prompts[:8], raw_params[:8])  # warm-up
-    start = time.perf_counter()
-    raw = adapter.offline_generate(llm, prompts, raw_params)
-    raw_s = time.perf_counter() - start
-    raw_tokens = sum(len(d.token_ids) for d in raw)
+    warm = [adapter.sampling_params(SamplingParams(max_new_tokens=8, temperature=1.0), stream=False)] * 8
+    adapter.offline_generate(llm, workloads[0][0][:8], warm)  # warm-up
+    raw_s = []
+    for prompts, lengths in workloads:
+        sampled = [SamplingParams(max_new_tokens=n, temperature=1.0) for n in lengths]
+        params = [adapter.sampling_params(p, seed=args.seed + i, stream=False) for i, p in enumerate(sampled)]
+        start = time.perf_counter()
+        raw = adapter.offline_generate(llm, prompts, params)
+        raw_s.append(time.perf_counter() - start)
+        assert sum(len(d.token_ids) for d in raw) == sum(lengths)
+        print(
+            f"  raw, {len(prompts)} requests, {sum(lengths)} tokens: {sum(lengths) / raw_s[-1]:.0f} tok/s",
+            flush=True,
+        )
     adapter.shutdown_offline(llm)
     del llm
     gc.collect()
@@ -89,60 +118,82 @@ def main(argv: list[str]) -> int:
 
     from rollout.vllm_engine import VLLMEngine
 
-    ours = []
-    for interval in [int(v) for v in args.stream_intervals.split(",")]:
+    ours_s: dict[int, list[float]] = {}
+    ours_start: dict[int, dict] = {}
+    for interval in intervals:
         start = time.perf_counter()
         engine = VLLMEngine(
-            model_dir, replace(config, stream_interval=interval), max_batch_size=args.requests, seed=args.seed
+            model_dir, replace(config, stream_interval=interval), max_batch_size=max_seqs, seed=args.seed
         )
-        start_s = time.perf_counter() - start
-        engine.generate(prompts[:8], ours_params[:8], timeout_s=600)  # warm-up
-        start = time.perf_counter()
-        outs = engine.generate(prompts, ours_params, timeout_s=3600)
-        ours_s = time.perf_counter() - start
+        ours_start[interval] = dict(
+            total_s=round(time.perf_counter() - start, 1),
+            engine_s=round(engine.start_seconds, 1),
+            warmup_s=round(engine.warmup_seconds, 2),
+        )
+        engine.generate(workloads[0][0][:8], SamplingParams(max_new_tokens=8, temperature=1.0), timeout_s=600)
+        ours_s[interval] = []
+        for prompts, lengths in workloads:
+            params = [SamplingParams(max_new_tokens=n, temperature=1.0) for n in lengths]
+            start = time.perf_counter()
+            outs = engine.generate(prompts, params, timeout_s=3600)
+            ours_s[interval].append(time.perf_counter() - start)
+            tokens = sum(len(o.response_ids) for o in outs)
+            assert tokens == sum(lengths), (tokens, sum(lengths))
+            rate = tokens / ours_s[interval][-1]
+            print(
+                f"  ours, stream_interval {interval}, {len(prompts)} requests: {rate:.0f} tok/s", flush=True
+            )
         engine.close()
         del engine
         gc.collect()
-        tokens = sum(len(o.response_ids) for o in outs)
-        assert tokens == total, (tokens, total)
-        ours.append(
+
+    results = []
+    for i, ((requests, median, cap), (_, lengths)) in enumerate(zip(mixes, workloads, strict=True)):
+        total = sum(lengths)
+        by_interval = [
             dict(
-                stream_interval=interval,
-                tokens_per_s=round(total / ours_s, 1),
-                seconds=round(ours_s, 3),
-                start_s=round(start_s, 1),
-                over_raw=round(raw_s / ours_s, 4),
+                stream_interval=v,
+                tokens_per_s=round(total / ours_s[v][i], 1),
+                seconds=round(ours_s[v][i], 3),
+                over_raw=round(raw_s[i] / ours_s[v][i], 4),
+            )
+            for v in intervals
+        ]
+        results.append(
+            dict(
+                requests=requests,
+                lengths={"median": median, "sigma": 1.0, "cap": cap, "mean": round(total / requests, 1)},
+                generated_tokens=total,
+                raw_tokens_per_s=round(total / raw_s[i], 1),
+                raw_s=round(raw_s[i], 3),
+                ours_by_stream_interval=by_interval,
+                ours_over_raw=by_interval[-1]["over_raw"],
             )
         )
-        print(f"  ours, stream_interval {interval}: {total / ours_s:.0f} tok/s = {raw_s / ours_s:.3f} x raw")
-    ours_s = ours[-1]["seconds"]
-    ours_start_s = ours[-1]["start_s"]
-
-    assert raw_tokens == total, (raw_tokens, total)
     result = {
         "bench": "gpu_rollout",
         "gpu": torch.cuda.get_device_name(0),
         "shape": args.shape,
-        "requests": args.requests,
         "prompt_len": args.prompt_len,
-        "lengths": {"median": args.median, "sigma": 1.0, "cap": args.cap, "mean": total / args.requests},
         "enforce_eager": args.eager,
-        "generated_tokens": total,
-        "raw_tokens_per_s": round(total / raw_s, 1),
-        "ours_tokens_per_s": round(total / ours_s, 1),
-        "raw_s": round(raw_s, 3),
-        "ours_s": round(ours_s, 3),
+        "max_num_seqs": max_seqs,
         "raw_start_s": round(raw_start_s, 1),
-        "ours_start_s": round(ours_start_s, 1),
-        "ours_over_raw": round(raw_s / ours_s, 4),
-        "ours_by_stream_interval": ours,
+        "ours_start": ours_start,
+        "mixes": results,
+        "ours_over_raw_min": min(r["ours_over_raw"] for r in results),
     }
+    mode = "eager" if args.eager else "CUDA graphs"
+    print(f"rollout overhead, {args.shape}, prompt {args.prompt_len}, {mode}")
     print(
-        f"rollout overhead, {args.shape}, {args.requests} requests, {total} tokens "
-        f"(median {args.median}, cap {args.cap})"
+        f"{'requests':>9}{'median':>8}{'cap':>6}{'tokens':>10}{'raw tok/s':>11}"
+        + "".join(f"{'ours@' + str(v):>11}{'ratio':>7}" for v in intervals)
     )
-    print(f"  raw LLM.generate   {result['raw_tokens_per_s']:>10.0f} tok/s  ({raw_s:.1f}s)")
-    print(f"  ours (VLLMEngine)  {result['ours_tokens_per_s']:>10.0f} tok/s  ({ours_s:.1f}s)")
-    print(f"  ours / raw = {result['ours_over_raw']:.3f}")
+    for r in results:
+        row = f"{r['requests']:>9}{r['lengths']['median']:>8}{r['lengths']['cap']:>6}"
+        row += f"{r['generated_tokens']:>10}{r['raw_tokens_per_s']:>11.0f}"
+        row += "".join(
+            f"{o['tokens_per_s']:>11.0f}{o['over_raw']:>7.3f}" for o in r["ours_by_stream_interval"]
+        )
+        print(row)
     emit(result, args.out)
     return 0

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-GPU benchmarks of docs/benchmarks.md, in one go on the GPU machine (after staging the stack,
 # see ../shared/gpu/README.md): flex-attention packing test, rollout overhead, colocated weight sync
-# (1.5B, 7B), trainer MFU. WHAT picks and orders them (default: all but the long rollout mixes).
+# (1.5B, 7B), trainer MFU and memory, 20 colocated GSM8K steps at 1.5B. WHAT picks and orders them.
 # Each writes its JSON line into ${OUT:-benchmarks/results/tmp}/<name>.json (with JSONL=1: all of
 # them into bench.jsonl, and vLLM's start-up lines into startup.log, for the 8-file limit of $OUT).
 set -uo pipefail
@@ -20,18 +20,19 @@ run() {
   fi
 }
 r15="--shape 1.5b --prompt-len 256 --model-dir $models/1.5b"
-for what in ${WHAT:-flex vllm rollout rollout_eager rollout1024 sync15 sync7 trainer}; do
+for what in ${WHAT:-flex vllm mixes mixes_eager sync15 sync7 trainer gsm8k20}; do
   case $what in
     flex)    timeout 300 python -m pytest -q -m gpu tests/gpu/test_flex_packing.py -p no:cacheprovider 2>&1 | tail -3 ;;
     vllm)    timeout 600 python -m pytest -q -m gpu tests/gpu/test_vllm_engine.py -p no:cacheprovider 2>&1 | tail -5 ;;
     rollout) run gpu_rollout_256 gpu_rollout $r15 --requests 256 --median 256 --cap 1024 --stream-intervals 1,16 ;;
     rollout_eager) run gpu_rollout_256_eager gpu_rollout $r15 --requests 256 --median 256 --cap 1024 --eager ;;
-    rollout1024) run gpu_rollout_1024 gpu_rollout $r15 --requests 1024 --median 256 --cap 1024 ;;
-    long256) run gpu_rollout_256_long gpu_rollout $r15 --requests 256 --median 1024 --cap 8192 ;;
-    long1024) run gpu_rollout_1024_long gpu_rollout $r15 --requests 1024 --median 1024 --cap 8192 ;;
+    mixes)   run gpu_rollout_mixes gpu_rollout $r15 --mixes 256:256:1024,1024:256:1024,256:1024:8192,1024:1024:8192 ;;
+    mixes_eager) run gpu_rollout_mixes_eager gpu_rollout $r15 --mixes 256:256:1024,1024:256:1024 --eager ;;
     sync15)  run gpu_sync_colocated_1.5b gpu_sync --shape 1.5b --placement colocated --verify --model-dir "$models/1.5b" ;;
     copy)    run device_copy_7b device_copy --shape 7b ;;
     sync7)   run gpu_sync_colocated_7b gpu_sync --shape 7b --placement colocated --gpu-mem 0.3 --verify --model-dir "$models/7b" ;;
-    trainer) run trainer_1.5b trainer --shape 1.5b --grad-ckpt --num-seqs 256 --budget 16384 --fixed-size 8 --repeats 2 ;;
+    trainer) run trainer_1.5b trainer --shape 1.5b --grad-ckpt --num-seqs 256 --budget 16384 --fixed-size 8 --repeats 2 \
+               --logprobs chunked,full ;;
+    gsm8k20) bash benchmarks/gpu_gsm8k_steps.sh "$out" ;;
   esac
 done

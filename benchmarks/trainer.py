@@ -92,11 +92,31 @@ def peak_flops(device) -> float | None:
     return 989e12 if ("H100" in name or "H200" in name) else None
 
 
-def time_pass(model, micro_batches: list[MicroBatch], device) -> float:
+def full_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The path the chunked one replaced: one fp32 log-softmax over the whole micro-batch [N, T, V]."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+LOGPROB_PATHS = {"chunked": token_logprobs, "full": full_logprobs}
+
+
+class LayerCalls:
+    """Counts the forward calls of the first decoder layer: under gradient checkpointing the backward
+    runs each layer's forward again, so a pass makes 2 calls per micro-batch instead of 1."""
+
+    def __init__(self, model) -> None:
+        self.calls = 0
+        model.model.layers[0].register_forward_pre_hook(self._count)
+
+    def _count(self, module, inputs) -> None:
+        self.calls += 1
+
+
+def time_pass(model, micro_batches: list[MicroBatch], device, logprobs=token_logprobs) -> float:
     start = time.perf_counter()
     for micro in micro_batches:
         micro = micro.to(device)
-        logp = token_logprobs(model(**micro.model_inputs()).logits, micro.targets)
+        logp = logprobs(model(**micro.model_inputs()).logits, micro.targets)
         (-(logp * micro.loss_mask).sum() / max(micro.num_loss_tokens, 1)).backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -114,7 +134,17 @@ def summarise(context: dict, results: dict[str, dict], samples: list[SequenceSam
     summary.update({f"{name}_tokens_per_s": round(r["tokens_per_s"], 1) for name, r in results.items()})
     summary.update({f"{name}_pad_frac": round(r["pad_frac"], 4) for name, r in results.items()})
     summary.update({f"{name}_mfu": round(r["mfu"], 4) for name, r in results.items() if r["mfu"] is not None})
-    packed = [n for n in results if n.startswith("packed")]
+    summary.update(
+        {
+            f"{name}_peak_gib": round(r["peak_gib"], 2)
+            for name, r in results.items()
+            if r["peak_gib"] is not None
+        }
+    )
+    summary["layer_forwards_per_micro_batch"] = sorted(
+        {r["layer_forwards_per_micro_batch"] for r in results.values()}
+    )
+    packed = [n for n in results if n.startswith("packed") and "+" not in n]
     if packed:
         best = max(packed, key=lambda n: results[n]["tokens_per_s"])
         summary["best_packed"] = best
@@ -140,6 +170,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--shape", default=None, help="realistic shape from bench/_models.py (e.g. 1.5b)")
     parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
     parser.add_argument("--no-flex", action="store_true", help="skip the flex-attention layout (GPU)")
+    parser.add_argument(
+        "--logprobs", default="chunked",
+        help="comma-separated log-prob paths, each timed on every layout: chunked (the trainer's) and full "
+        "(one fp32 log-softmax over the micro-batch, the path it replaced)",
+    )  # fmt: skip
     parser.add_argument("--out", default=None, help="also write the JSON line to this file")
     args = parser.parse_args(argv)
 
@@ -177,6 +212,11 @@ def main(argv: list[str]) -> int:
     if args.grad_ckpt:
         model.gradient_checkpointing_enable()
     model.train()
+    layer_calls = LayerCalls(model)
+    paths = [p.strip() for p in args.logprobs.split(",")]
+    unknown = [p for p in paths if p not in LOGPROB_PATHS]
+    if unknown:
+        raise SystemExit(f"--logprobs: unknown path(s) {unknown}; known: {sorted(LOGPROB_PATHS)}")
     samples = long_tailed_samples(args.num_seqs, vocab=model.config.vocab_size, seed=args.seed)
     real_tokens = sum(s.length for s in samples)
     peak = peak_flops(device)
@@ -193,35 +233,52 @@ def main(argv: list[str]) -> int:
         grad_ckpt=args.grad_ckpt,
         gpu=torch.cuda.get_device_name(0) if device.type == "cuda" else None,
     )
-    for name, micro_batches in layouts(samples, args.budget, args.fixed_size, attn, flex).items():
-        model.set_attn_implementation("flex_attention" if name == "packed-flex" else attn)
-        time_pass(model, micro_batches[:2], device)  # warm-up (and compile, for flex)
-        seconds = min(time_pass(model, micro_batches, device) for _ in range(args.repeats))
-        print(f"[bench trainer] {name}: {seconds:.2f}s per pass", flush=True)
-        slots = sum(m.num_slots for m in micro_batches)
-        results[name] = dict(
-            tokens_per_s=real_tokens / seconds,
-            seconds=seconds,
-            micro_batches=len(micro_batches),
-            pad_frac=1.0 - real_tokens / slots,
-            mfu=useful_flops(model.config, [s.length for s in samples]) / seconds / peak if peak else None,
-        )
-        if args.out:  # what is measured so far survives a run cut short (a slow compile, a timeout)
-            emit(summarise(context, results, samples), args.out, quiet=True)
+    for layout, micro_batches in layouts(samples, args.budget, args.fixed_size, attn, flex).items():
+        model.set_attn_implementation("flex_attention" if layout == "packed-flex" else attn)
+        for path in paths:
+            name = layout if path == paths[0] else f"{layout}+{path}"
+            logprobs = LOGPROB_PATHS[path]
+            time_pass(model, micro_batches[:2], device, logprobs)  # warm-up (and compile, for flex)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            calls_before = layer_calls.calls
+            seconds = min(time_pass(model, micro_batches, device, logprobs) for _ in range(args.repeats))
+            layer_forwards = (layer_calls.calls - calls_before) / (args.repeats * len(micro_batches))
+            peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            print(f"[bench trainer] {name}: {seconds:.2f}s per pass, peak {peak_gb} GiB", flush=True)
+            slots = sum(m.num_slots for m in micro_batches)
+            results[name] = dict(
+                tokens_per_s=real_tokens / seconds,
+                seconds=seconds,
+                micro_batches=len(micro_batches),
+                pad_frac=1.0 - real_tokens / slots,
+                mfu=useful_flops(model.config, [s.length for s in samples]) / seconds / peak
+                if peak
+                else None,
+                peak_gib=peak_gb,
+                layer_forwards_per_micro_batch=layer_forwards,
+            )
+            if args.out:  # what is measured so far survives a run cut short (a slow compile, a timeout)
+                emit(summarise(context, results, samples), args.out, quiet=True)
 
     lengths = [s.length for s in samples]
+    summary = summarise(context, results, samples)
     print(
         f"trainer micro-batching on {device.type} ({attn}), {args.num_seqs} sequences, {real_tokens} tokens, "
         f"lengths {min(lengths)}-{max(lengths)} (median {int(np.median(lengths))}), budget {args.budget}"
     )
-    print(f"{'layout':<15}{'tokens/s':>12}{'seconds':>10}{'micro':>8}{'padding':>10}{'MFU':>8}")
+    print(
+        f"{'layout':<20}{'tokens/s':>12}{'seconds':>10}{'micro':>8}{'padding':>10}{'MFU':>8}{'peak GiB':>10}"
+    )
     for name, r in results.items():
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        peak_gib = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
         print(
-            f"{name:<15}{r['tokens_per_s']:>12.0f}{r['seconds']:>10.2f}{r['micro_batches']:>8d}"
-            f"{r['pad_frac']:>10.1%}{mfu:>8}"
+            f"{name:<20}{r['tokens_per_s']:>12.0f}{r['seconds']:>10.2f}{r['micro_batches']:>8d}"
+            f"{r['pad_frac']:>10.1%}{mfu:>8}{peak_gib:>10}"
         )
-    summary = summarise(context, results, samples)
+    calls = summary["layer_forwards_per_micro_batch"]
+    print(f"first decoder layer forwards per micro-batch: {calls} (2 = gradient checkpointing recomputes)")
     print(
         f"{summary['best_packed']} / padded-fixed = {summary['packed_vs_padded_fixed']:.2f}x, "
         f"{summary['best_packed']} / padded-budget = {summary['packed_vs_padded_budget']:.2f}x; "

@@ -20,7 +20,11 @@ extension (rollout/vllm_extension.py) and the benchmarks call these functions an
   ``requests`` (internal id -> ``Request.num_output_tokens``; the internal id is ours plus
   ``-<8 characters>``), ``reset_prefix_cache(reset_running_requests=True)`` (preempts the running
   requests so their KV cache is recomputed), ``EngineCoreProc.has_work`` and
-  ``_idle_state_callbacks`` (run once the step in flight has been processed).
+  ``_idle_state_callbacks`` (run once the step in flight has been processed); and, to reset only
+  the blocks that hold a hash, the scheduler's ``kv_cache_manager.block_pool`` with its
+  ``cached_block_hash_to_block._cache`` (hash -> block or {block id: block}),
+  ``cached_block_hashes_by_block``, ``KVCacheBlock.reset_hash``, ``metrics_collector`` and
+  ``kv_event_queue``. ``areal_hashed_blocks`` (GPU test) reads ``block_pool.blocks``.
 - ``pause_generation(mode='keep', clear_cache=False)`` (through ``engine_core.pause_scheduler_async``,
   skipping its fixed 20 ms sleep): requests freeze in place and the call returns once the engine's
   output queue is empty; ``sleep(level)`` / ``wake_up(tags)``; ``abort(ids)`` ends requests with a
@@ -220,6 +224,12 @@ async def rpc(llm: Any, method: str, *args: Any, timeout_s: float | None = None)
     tensors into nested lists."""
     results = await llm.collective_rpc(method, timeout=timeout_s, args=args)
     return results[0]
+
+
+async def hashed_blocks(llm: Any) -> dict:
+    """``{"hashed": blocks holding a prefix-cache hash, "mapped": hash-map entries, "blocks": all}``
+    (``areal_hashed_blocks``: both counts are 0 right after a swap)."""
+    return await llm.engine_core.call_utility_async("areal_hashed_blocks")
 
 
 def shutdown(llm: Any) -> None:

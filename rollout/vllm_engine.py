@@ -113,7 +113,24 @@ class VLLMEngine:
         start = time.perf_counter()
         self._llm = self._call(self._start(model_path, max_batch_size), config.start_timeout_s)
         self.start_seconds = time.perf_counter() - start
-        logger.info("vLLM engine %d started in %.1fs (%s)", engine_id, self.start_seconds, model_path)
+        start = time.perf_counter()
+        self._warm_up()
+        self.warmup_seconds = time.perf_counter() - start
+        logger.info(
+            "vLLM engine %d started in %.1fs, warmed up in %.2fs (%s)",
+            engine_id, self.start_seconds, self.warmup_seconds, model_path,
+        )  # fmt: skip
+
+    def _warm_up(self) -> None:
+        """One two-token sampled request, so that what vLLM compiles at the first request that asks
+        for log-probs (the Triton kernel ``_topk_log_softmax_kernel``, the per-request-seed sampler)
+        is compiled at start, not inside the first rollout."""
+        from rollout.engine import SamplingParams
+
+        self.submit([0], SamplingParams(max_new_tokens=2, temperature=1.0), request_id="warm-up").result(
+            self.config.start_timeout_s
+        )
+        self._decode_events = 0
 
     async def _start(self, model_path: str, max_batch_size: int) -> Any:
         self._swap_lock = asyncio.Lock()
@@ -233,6 +250,11 @@ class VLLMEngine:
     def wake(self, resume: bool = True, timeout_s: float = 300.0) -> None:
         """Undo ``sleep``. ``resume=False`` keeps generation paused (load new weights, then ``resume``)."""
         self._call(self._wake(resume), timeout_s)
+
+    def prefix_cache_blocks(self) -> dict:
+        """The engine core's KV blocks holding a prefix-cache hash (``hashed``), hash-map entries
+        (``mapped``) and all blocks (``blocks``): what a swap's reset leaves (a check, O(blocks))."""
+        return self._call(vllm.hashed_blocks(self._llm), 60.0)
 
     def weights_digest(self) -> str:
         return self._call(vllm.rpc(self._llm, "areal_digest"), 600.0)

@@ -152,6 +152,7 @@ def areal_swap(core: Any, method: str, args: list, keep_paused: bool) -> Future:
             }
             result = engine.collective_rpc(method, args=tuple(args))[0]
             t1 = time.perf_counter()
+            _reset_only_hashed_blocks(engine.scheduler.kv_cache_manager.block_pool)
             engine.reset_prefix_cache(reset_running_requests=True)
             t2 = time.perf_counter()
             if not (keep_paused or was_paused):
@@ -172,6 +173,50 @@ def areal_swap(core: Any, method: str, args: list, keep_paused: bool) -> Future:
     return future
 
 
+def _reset_only_hashed_blocks(pool: Any) -> None:
+    """Make this ``BlockPool``'s ``reset_prefix_cache`` visit only the blocks that hold a hash.
+
+    vLLM 0.25's version clears every block's hash, O(all KV blocks): 8 ms of a 12.5 ms swap at 1.5B
+    on an H200 (~180k blocks), while a swap leaves hashes on the few thousand blocks the running
+    requests filled. Every hashed block is a value of ``cached_block_hash_to_block`` (a block gets
+    its primary hash only with its insertion there; extra hashes live in
+    ``cached_block_hashes_by_block``), so clearing those blocks and both maps is the same reset.
+    Installed once per pool, as an instance attribute; the same preconditions and events as vLLM's."""
+    if getattr(pool, "_areal_fast_reset", False):
+        return
+    from vllm.v1.core.block_pool import BlockHashToBlockMap
+
+    def reset_prefix_cache() -> bool:
+        if pool.num_gpu_blocks - pool.get_num_free_blocks() != 1:  # the null block is always used
+            return type(pool).reset_prefix_cache(pool)  # vLLM's own refusal and warning
+        for entry in pool.cached_block_hash_to_block._cache.values():
+            for block in entry.values() if isinstance(entry, dict) else (entry,):
+                block.reset_hash()
+        pool.cached_block_hash_to_block = BlockHashToBlockMap()
+        pool.cached_block_hashes_by_block.clear()
+        if pool.metrics_collector:
+            pool.metrics_collector.reset()
+        if pool.enable_kv_cache_events:
+            from vllm.distributed.kv_events import AllBlocksCleared
+
+            pool.kv_event_queue.append(AllBlocksCleared())
+        return True
+
+    pool.reset_prefix_cache = reset_prefix_cache
+    pool._areal_fast_reset = True
+
+
+def areal_hashed_blocks(core: Any) -> dict:
+    """``EngineCore.areal_hashed_blocks``: blocks that still hold a prefix-cache hash, and the size of
+    the hash map (both 0 right after a swap; the GPU test reads them)."""
+    pool = core.scheduler.kv_cache_manager.block_pool
+    return dict(
+        hashed=sum(1 for b in pool.blocks if b.block_hash is not None),
+        mapped=len(pool.cached_block_hash_to_block),
+        blocks=len(pool.blocks),
+    )
+
+
 def _install_engine_core_utility() -> None:
     """Add ``areal_swap`` to vLLM's ``EngineCore`` class (imported in the engine-core process
     when vLLM builds its worker with our extension)."""
@@ -181,6 +226,7 @@ def _install_engine_core_utility() -> None:
         return
     if not hasattr(EngineCore, "areal_swap"):
         EngineCore.areal_swap = areal_swap
+        EngineCore.areal_hashed_blocks = areal_hashed_blocks
 
 
 _install_engine_core_utility()

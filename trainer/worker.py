@@ -176,6 +176,8 @@ class TrainerRank:
         cfg = self.config
         if policy_version is not None:
             self.policy_version = policy_version
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         samples, scores, minibatch_sets, batch_stats = self._fetch_batch(store, samples_meta)
         minibatches = self._plan(samples, minibatch_sets)
@@ -202,7 +204,10 @@ class TrainerRank:
         self.policy_version += 1
         sums.update(adv_abs=float((advantages.abs() * layout.mask).sum()), update_s=t3 - t2)
         maxes.update(update_s=t3 - t2)
-        return self._stats(sums, maxes, step_info, batch_stats, len(samples), layout, (t0, t1, t2, t3))
+        stats = self._stats(sums, maxes, step_info, batch_stats, len(samples), layout, (t0, t1, t2, t3))
+        if self.device.type == "cuda":  # rank 0's figure is the one the metrics row shows
+            stats.metrics["perf/trainer_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return stats
 
     def _fetch_batch(self, store, samples_meta: list):
         """This rank's samples, their scores, and which of them form each minibatch."""

@@ -3,9 +3,9 @@
 One engine (enforce_eager, sleep mode on) serves every test of the module, in order: token ids in and
 out with log-probs equal to a float32 HF recompute; stop, length and abort endings; pause and resume;
 a weight swap inside a sample (both versions, and the tokens after the swap scored by the new
-weights); the colocated arena filled over CUDA IPC; sleep and wake keeping the weights; a swap
-while 256 requests decode, every token's version checked against log-probs recomputed under both
-weight sets.
+weights); no prefix-cache hash left after a swap; the colocated arena filled over CUDA IPC; sleep
+and wake keeping the weights; a swap while 256 requests decode, every token's version checked
+against log-probs recomputed under both weight sets.
 """
 
 from __future__ import annotations
@@ -163,6 +163,19 @@ def test_weight_swap_inside_a_sample_carries_both_versions(engine, models):
     got = torch.tensor(out.logprobs[k:])
     assert (got - ref_new).abs().mean() < 0.05
     assert (got - ref_old).abs().mean() > 0.2
+
+
+def test_swap_clears_every_prefix_cache_hash(engine, models):
+    """areal_swap resets only the blocks that hold a hash (vLLM's reset visits all blocks): after a
+    swap no block may keep a hash, or a new request would reuse KV computed by the old weights."""
+    prompts = [[3 + i % 17] * 64 for i in range(32)]  # 4 full 16-token blocks each, hashed
+    engine.generate(prompts, _params(8), timeout_s=120)
+    before = engine.prefix_cache_blocks()
+    assert before["hashed"] >= 32 and before["mapped"] >= 32, before
+    engine.update_weights(_bf16_state(models[1]), version=5, timeout_s=120)
+    after = engine.prefix_cache_blocks()
+    assert after["hashed"] == 0 and after["mapped"] == 0, (before, after)
+    assert engine.last_swap_s["reset"] < 0.05, engine.last_swap_s
 
 
 def test_colocated_arena_written_over_cuda_ipc_then_loaded(engine, models):
