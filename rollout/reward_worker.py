@@ -32,6 +32,9 @@ _MEASURE_PER_TICK = 64
 """Concurrent mode: most children measured per tick (reading /proc costs ~0.1 ms per child)."""
 _BUSY_SHARE = 0.25
 """Concurrent mode: a child whose process tree used this share of a core since the last tick is busy."""
+_HANG_SAMPLES = 8
+"""Concurrent mode: timed-out calls measured (per tick) before they are killed, so that a batch whose
+calls all started at once still learns whether they compute."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,10 @@ def _worker_main(
     if use_alarm:
         signal.signal(signal.SIGALRM, on_alarm)
     calls = _CallCounter(page)
+    can_fork = concurrency > 1 and hasattr(os, "fork")
     batch, concurrent = -1, False
+    last_hang: _Hangs | None = None  # the last batch's calls timed out (and how): this one starts concurrent
+    hang: _Hangs | None = None  # this batch's
     conn.send("ready")
     while True:
         try:
@@ -125,8 +131,11 @@ def _worker_main(
             return
         if chunk is None:
             return
-        if chunk.batch != batch:  # each batch starts cheap: one call at a time in this process
-            batch, concurrent = chunk.batch, False
+        if chunk.batch != batch:  # a new batch: cheap (one call at a time here) unless the last one hung
+            batch, last_hang, hang = chunk.batch, hang, None
+            concurrent = last_hang is not None
+            if concurrent:
+                conn.send(_WentConcurrent(batch))
         chunk_results: list[RewardResult] = []
         for job in chunk.jobs:
             if concurrent:
@@ -145,8 +154,9 @@ def _worker_main(
                 result = _checked(value)
             except _CallTimeout:
                 result = RewardResult(0.0, "timeout", f"call exceeded {timeout_s}s")
-                if concurrency > 1 and hasattr(os, "fork"):
+                if can_fork:
                     concurrent = True
+                    hang = _Hangs(waiting=False)  # the other calls may compute: ramp up
                     conn.send(_WentConcurrent(batch))
             except Exception as e:
                 result = RewardResult(0.0, "error", f"{type(e).__name__}: {e}"[:500])
@@ -154,10 +164,22 @@ def _worker_main(
         if len(chunk_results) == len(chunk.jobs):
             conn.send(_ChunkReply(chunk.chunk_id, chunk_results))
             continue
-        runner = _ConcurrentRunner(conn, fn, timeout_s, concurrency, max_retries, calls)
+        known = hang or last_hang  # concurrent: set by a timeout here or in the last batch
+        waiting = known is not None and known.waiting
+        runner = _ConcurrentRunner(conn, fn, timeout_s, concurrency, max_retries, calls, waiting)
         runner.add(chunk, chunk_results)
         if not runner.run(batch):
             return  # the parent said stop (or vanished) meanwhile
+        if runner.timeouts:  # the next batch starts concurrent only if this one hung too
+            hang = _Hangs(waiting=not runner.busy_seen)
+
+
+@dataclass(frozen=True)
+class _Hangs:
+    """A batch had calls that timed out; ``waiting``: it ran concurrently and none of its calls was
+    seen computing (they slept or waited), so the next batch's calls may all start at once."""
+
+    waiting: bool
 
 
 class _CallCounter:
@@ -205,8 +227,15 @@ class _ConcurrentRunner:
         concurrency: int,
         max_retries: int,
         calls: _CallCounter,
+        waiting: bool = False,
     ) -> None:
         self._conn = conn
+        self._waiting = waiting
+        """The last batch's calls waited, none computed: start this batch's calls all at once."""
+        self.timeouts = 0
+        """Calls of this batch that timed out."""
+        self.busy_seen = False
+        """A call of this batch was measured computing."""
         self._fn = fn
         self._timeout_s = timeout_s
         self._concurrency = concurrency
@@ -247,9 +276,12 @@ class _ConcurrentRunner:
                     self._read(self._running[fd])
             now = time.monotonic()
             expired = [c for c in self._running.values() if now >= c.started + self._timeout_s]
+            for call in expired[:_HANG_SAMPLES]:  # were they computing or waiting? (the next batch's start)
+                self._measure_call(call, now)
             for call in expired:  # all kills first: the children then die in parallel, not in turn
                 _kill_group(call.pid)
             for call in expired:
+                self.timeouts += 1
                 self._finish(call, RewardResult(0.0, "timeout", f"call exceeded {self._timeout_s}s"))
             if now - last_tick >= _TICK_S:
                 self._measure(now)
@@ -259,15 +291,17 @@ class _ConcurrentRunner:
     def _start_calls(self) -> None:
         # Slow start: a call starts while the busy ones leave a core free and fewer calls are still
         # unmeasured than are measured idle (or than cores): sleepers double per tick, CPU work does not.
+        # When the calls that hung were waiting, not computing, unmeasured calls start at once.
         calls = self._running.values()
         num_busy = sum(c.busy is True for c in calls)
         num_idle = sum(c.busy is False for c in calls)
         num_fresh = sum(c.busy is None for c in calls)
+        fresh_limit = self._concurrency if self._waiting else max(self._num_cores, num_idle)
         while (
             self._queue
             and len(self._running) < self._concurrency
             and num_busy < self._num_cores
-            and num_fresh < max(self._num_cores, num_idle)
+            and num_fresh < fresh_limit
         ):
             chunk_id, position, job = self._queue.popleft()
             call = _fork_call(chunk_id, position, job, self._fn, self._prctl)
@@ -330,15 +364,19 @@ class _ConcurrentRunner:
             return
         calls = sorted(self._running.values(), key=lambda c: c.measured_at)[:_MEASURE_PER_TICK]
         for call in calls:
-            measured = _tree_cpu(call.pid)
-            if measured is None:
-                call.busy = True  # no /proc here: count it as computing
-                continue
-            ticks, runnable = measured
-            if call.cpu_ticks is not None:
-                used_s = (ticks - call.cpu_ticks) / self._clock_ticks
-                call.busy = runnable or used_s >= _BUSY_SHARE * (now - call.measured_at)
-            call.cpu_ticks, call.measured_at = ticks, now
+            self._measure_call(call, now)
+
+    def _measure_call(self, call: _Call, now: float) -> None:
+        measured = _tree_cpu(call.pid)
+        if measured is None:
+            call.busy = self.busy_seen = True  # no /proc here: count it as computing
+            return
+        ticks, runnable = measured
+        if call.cpu_ticks is not None:
+            used_s = (ticks - call.cpu_ticks) / self._clock_ticks
+            call.busy = runnable or used_s >= _BUSY_SHARE * (now - call.measured_at)
+            self.busy_seen |= call.busy
+        call.cpu_ticks, call.measured_at = ticks, now
 
     def _end_all(self) -> None:
         for call in list(self._running.values()):

@@ -28,7 +28,10 @@ Dataflow:
   tree, read from /proc every tick): calls that sleep or wait overlap freely, calls that compute are
   not slowed by each other into spurious timeouts. So a batch of N sleeping calls takes about twice
   the timeout (the first, then the rest together), not N times. A child that dies is retried like a
-  worker that dies (below). The next batch starts in the cheap sequential mode again.
+  worker that dies (below). The next batch starts concurrent too if this one had a timeout (a reward
+  that hangs usually hangs again: 512 sleeping calls then take ~1.1 timeouts, not 2), with no ramp
+  if none of this batch's calls was seen computing; a batch with no timeout returns to the cheap
+  sequential mode.
 - Backstop: a call the timer cannot interrupt (stuck in C code holding the GIL, or a function that
   clears the alarm) stops the worker's call counter, which the parent samples a few times per
   timeout. A worker whose counter has not moved for ``timeout_s + _HARD_KILL_GRACE_S`` is killed

@@ -98,3 +98,11 @@ def sleep_spin_or_die(response: str, answer: str) -> float:
 def always_raise(response: str, answer: str) -> float:
     """A broken reward function: every call raises."""
     raise KeyError(f"no field {answer!r}")
+
+
+def pid_unless_slow(response: str, answer: str) -> float:
+    """The id of the process that ran the call (the worker itself, or a child forked for it); sleeps
+    30 s for response 'slow'."""
+    if response == "slow":
+        time.sleep(30)
+    return float(os.getpid())
