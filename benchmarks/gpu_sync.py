@@ -90,14 +90,23 @@ def _plan(model_dir: str, hosts):
 
 def _engine(args, model_dir: str):
     from rollout.config import VLLMConfig
-    from rollout.engine import SamplingParams
     from rollout.vllm_engine import VLLMEngine
 
     config = VLLMConfig(enforce_eager=args.eager, gpu_memory_utilization=args.gpu_mem, max_model_len=4096)
     engine = VLLMEngine(model_dir, config, max_batch_size=max(args.busy, 1), seed=0)
-    for i in range(args.busy):  # keeps decoding through every sync
-        engine.submit([(7 * i + j) % 1000 for j in range(64)], SamplingParams(max_new_tokens=4000))
+    _keep_busy(engine, args.busy)
     return engine
+
+
+def _keep_busy(engine, busy: int) -> int:
+    """Top the engine up to ``busy`` long requests decoding (with CUDA graphs a 4000-token request
+    ends within ~15 s, before the syncs would); returns how many run now."""
+    from rollout.engine import SamplingParams
+
+    running = engine.load().running_requests
+    for i in range(running, busy):
+        engine.submit([(7 * i + j) % 1000 for j in range(64)], SamplingParams(max_new_tokens=4000))
+    return max(running, busy)
 
 
 def _trainer_model(model_dir: str):
@@ -130,8 +139,10 @@ def _colocated(args, model_dir: str) -> dict:
     config = ReallocConfig(enabled=True, backend="nccl", placement="colocated", bucket_mb=BUCKET_MB)
     executor = ReallocExecutor(plan, 0, config, "127.0.0.1", free_port("127.0.0.1"))
     sources = flat_sources(trainer, 0, 1)
-    sync_s, write_s, phases = [], [], []
+    sync_s, write_s, phases, running = [], [], [], []
     for rep in range(args.repeats + 1):
+        running_now = _keep_busy(engine, args.busy)
+        time.sleep(0.5)  # the new requests' prefill done: the swap lands on decoding requests
         torch.cuda.synchronize()
         start = time.perf_counter()
         executor.run(rep + 1, sources=sources, staging={0: arena})
@@ -141,6 +152,7 @@ def _colocated(args, model_dir: str) -> dict:
             sync_s.append(round(time.perf_counter() - start, 5))
             write_s.append(round(written - start, 5))
             phases.append({k: round(v, 5) for k, v in engine.last_swap_s.items()})
+            running.append(running_now)
     nbytes = sum(t.numel() * t.element_size() for t in arena.values())
     verified = engine.weights_digest() == _digest(trainer) if args.verify else None
     busy = engine.load()
@@ -158,6 +170,7 @@ def _colocated(args, model_dir: str) -> dict:
         floor="device-to-device copy",
         verified=verified,
         busy_requests_running=busy.running_requests,
+        requests_running_at_each_swap=running,
     )
 
 

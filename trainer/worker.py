@@ -207,6 +207,9 @@ class TrainerRank:
         stats = self._stats(sums, maxes, step_info, batch_stats, len(samples), layout, (t0, t1, t2, t3))
         if self.device.type == "cuda":  # rank 0's figure is the one the metrics row shows
             stats.metrics["perf/trainer_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        module = self.engine.module  # transformers recomputes activations only in train mode
+        checkpointing = module.training and getattr(module, "is_gradient_checkpointing", False)
+        stats.metrics["train/gradient_checkpointing"] = float(checkpointing)
         return stats
 
     def _fetch_batch(self, store, samples_meta: list):

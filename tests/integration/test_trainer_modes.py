@@ -60,6 +60,7 @@ def _job(port: int, model_dir: str, sft_path: str, tmp: str, out) -> None:
             layers={role: len(c.layers) for role, c in calls.items()},
             training={role: engine.module.training for role, engine in engines.items()},
             micro_batches=stats.metrics["train/micro_batches"],
+            metric=stats.metrics["train/gradient_checkpointing"],
         )
 
         sft = SFTConfig(
@@ -102,6 +103,8 @@ def test_policy_and_critic_recompute_every_layer_under_gradient_checkpointing(re
         assert on["layers"][role] == 3
         assert on["calls"][role] - off["calls"][role] == on["layers"][role] * micro_batches, role
         assert on["training"][role] and off["training"][role]
+    # the metrics row says so: the recompute counted above is what the metric reports
+    assert on["metric"] == 1.0 and off["metric"] == 0.0
 
 
 def test_the_reference_model_stays_in_eval_mode_and_is_never_recomputed(results):
