@@ -32,6 +32,9 @@ _MEASURE_PER_TICK = 64
 """Concurrent mode: most children measured per tick (reading /proc costs ~0.1 ms per child)."""
 _BUSY_SHARE = 0.25
 """Concurrent mode: a child whose process tree used this share of a core since the last tick is busy."""
+_SUSPECT_SHARE = 0.25
+"""Sequential mode: a call still running after this share of its timeout, having used less than
+``_BUSY_SHARE`` of a core, is waiting; it runs again concurrently with the rest of its batch."""
 _HANG_SAMPLES = 8
 """Concurrent mode: timed-out calls measured (per tick) before they are killed, so that a batch whose
 calls all started at once still learns whether they compute."""
@@ -92,6 +95,11 @@ class _WentConcurrent:
     batch: int
 
 
+class _CallWaits(BaseException):
+    """Raised by the SIGALRM handler inside a reward call that has run ``_SUSPECT_SHARE`` of its
+    timeout without computing (see ``_worker_main``)."""
+
+
 class _CallTimeout(BaseException):
     """Raised by the SIGALRM handler inside a reward call (a BaseException, so that a reward
     function's `except Exception` does not swallow it)."""
@@ -109,17 +117,29 @@ def _worker_main(
     except Exception as e:
         conn.send(f"{type(e).__name__}: {e}")
         return
-    in_call = False
+    use_alarm = hasattr(signal, "setitimer")
+    can_fork = concurrency > 1 and hasattr(os, "fork")
+    # A call still running after ``suspect_s`` that has not been computing is waiting (a sleep, a
+    # network call, a subprocess): it is stopped and run again, with the rest of the batch,
+    # concurrently, each in a forked child with the full timeout. One that computes runs on.
+    suspect_s = timeout_s * _SUSPECT_SHARE if can_fork else timeout_s
+    in_call, suspect, cpu_start = False, False, 0.0
 
     def on_alarm(signum: int, frame: object) -> None:
-        if in_call:  # a signal delivered late, after the call returned, is ignored
-            raise _CallTimeout
+        nonlocal suspect
+        if not in_call:  # a signal delivered late, after the call returned, is ignored
+            return
+        if suspect:
+            suspect = False
+            if time.process_time() - cpu_start < _BUSY_SHARE * suspect_s:
+                raise _CallWaits
+            signal.setitimer(signal.ITIMER_REAL, timeout_s - suspect_s)
+            return
+        raise _CallTimeout
 
-    use_alarm = hasattr(signal, "setitimer")
     if use_alarm:
         signal.signal(signal.SIGALRM, on_alarm)
     calls = _CallCounter(page)
-    can_fork = concurrency > 1 and hasattr(os, "fork")
     batch, concurrent = -1, False
     last_hang: _Hangs | None = None  # the last batch's calls timed out (and how): this one starts concurrent
     hang: _Hangs | None = None  # this batch's
@@ -142,9 +162,9 @@ def _worker_main(
                 break
             calls.bump()
             try:
-                in_call = True
+                in_call, suspect, cpu_start = True, suspect_s < timeout_s, time.process_time()
                 if use_alarm:
-                    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+                    signal.setitimer(signal.ITIMER_REAL, suspect_s)
                 try:
                     value = fn(job.response, job.answer)
                 finally:
@@ -152,6 +172,10 @@ def _worker_main(
                         signal.setitimer(signal.ITIMER_REAL, 0)
                     in_call = False
                 result = _checked(value)
+            except _CallWaits:  # no result: the job runs again, first of the concurrent rest
+                concurrent = True
+                conn.send(_WentConcurrent(batch))
+                break
             except _CallTimeout:
                 result = RewardResult(0.0, "timeout", f"call exceeded {timeout_s}s")
                 if can_fork:

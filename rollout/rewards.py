@@ -20,18 +20,19 @@ Dataflow:
   SIGALRM timer of ``timeout_s``, calls the function. A call that raises scores 0.0 'error'; one the
   timer interrupts scores 0.0 'timeout'; the worker lives on. It sends the chunk's results in one
   message (per-item messages cost ~10 ms per 256 items in wakeups and syscalls).
-- Concurrent timeouts: once a call of a batch has timed out, the function has shown it can hang, so
-  the worker runs the rest of that batch's items concurrently, each in a child forked from the
-  worker (the function is already imported; fork is safe, the worker has one thread), killed with
-  its process group at its deadline. Up to ``concurrency`` children run at once, and a new one starts
-  only while fewer than the machine's cores are busy computing (CPU time of each child's process
-  tree, read from /proc every tick): calls that sleep or wait overlap freely, calls that compute are
-  not slowed by each other into spurious timeouts. So a batch of N sleeping calls takes about twice
-  the timeout (the first, then the rest together), not N times. A child that dies is retried like a
-  worker that dies (below). The next batch starts concurrent too if this one had a timeout (a reward
-  that hangs usually hangs again: 512 sleeping calls then take ~1.1 timeouts, not 2), with no ramp
-  if none of this batch's calls was seen computing; a batch with no timeout returns to the cheap
-  sequential mode.
+- Concurrent timeouts: once a call of a batch has timed out, or has run a quarter of its timeout
+  without computing (it sleeps or waits: it is stopped and run again), the function has shown it
+  can hang, so the worker runs the rest of that batch's items concurrently, each in a child forked
+  from the worker (the function is already imported; fork is safe, the worker has one thread),
+  killed with its process group at its deadline. Up to ``concurrency`` children run at once, and a
+  new one starts only while fewer than the machine's cores are busy computing (CPU time of each
+  child's process tree, read from /proc every tick): calls that sleep or wait overlap freely, calls
+  that compute are not slowed by each other into spurious timeouts. So a batch of N sleeping calls
+  takes about 1.25 to 1.6 timeouts (a quarter for the first call to be found waiting, then all
+  together), not N. A child that dies is retried like a worker that dies (below). The next batch
+  starts concurrent too if this one had a timeout (a reward that hangs usually hangs again: 512
+  sleeping calls then take ~1.1-1.2 timeouts), with no ramp if none of this batch's calls was seen
+  computing; a batch with no timeout returns to the cheap sequential mode.
 - Backstop: a call the timer cannot interrupt (stuck in C code holding the GIL, or a function that
   clears the alarm) stops the worker's call counter, which the parent samples a few times per
   timeout. A worker whose counter has not moved for ``timeout_s + _HARD_KILL_GRACE_S`` is killed

@@ -106,3 +106,14 @@ def pid_unless_slow(response: str, answer: str) -> float:
     if response == "slow":
         time.sleep(30)
     return float(os.getpid())
+
+
+def spin_logging_starts(response: str, answer: str) -> float:
+    """Appends a line to the file ``answer`` names when it starts, then computes for ``response``
+    seconds of CPU time."""
+    with open(answer, "a") as f:
+        f.write("start\n")
+    end = time.process_time() + float(response)
+    while time.process_time() < end:
+        pass
+    return 1.0
