@@ -75,6 +75,7 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
@@ -231,10 +232,14 @@ class RewardPool:
         """Batches whose failure share passed ``config.warn_failure_rate``."""
         return self._warned_batches
 
-    def score(self, items: list[tuple[str, str]]) -> list[RewardResult]:
+    def score(
+        self, items: list[tuple[str, str]], more: Callable[[], list[tuple[str, str]]] | None = None
+    ) -> list[RewardResult]:
         """One result per (response, answer) item, in order. Raises ``RewardFunctionBroken`` (after
         counting the batch) when the config asks to stop on an all-error batch, ``RewardsCancelled``
-        when ``cancel`` was called meanwhile."""
+        when ``cancel`` was called meanwhile. ``more``: once the batch runs concurrently (its calls
+        hang), called every tick for items to add to it (they run alongside rather than a timeout
+        later); their results follow the others', in the order given."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("RewardPool.score called after close()")
@@ -246,7 +251,7 @@ class RewardPool:
                 if not self._workers:
                     self._start_workers()
                 started = time.monotonic()
-                results = self._run_batch(items)
+                results = self._run_batch(list(items), more)
             except RewardsCancelled:
                 raise
             except BaseException:
@@ -327,7 +332,9 @@ class RewardPool:
     def _new_worker(self) -> _Worker:
         return _Worker(self.fn_path, self.timeout_s, self.config.concurrency, self.max_retries)
 
-    def _run_batch(self, items: list[tuple[str, str]]) -> list[RewardResult]:
+    def _run_batch(
+        self, items: list[tuple[str, str]], more: Callable[[], list[tuple[str, str]]] | None
+    ) -> list[RewardResult]:
         results: list[RewardResult | None] = [None] * len(items)
         self._batches += 1
         chunk_size = max(1, math.ceil(len(items) / (self.num_workers * _CHUNKS_PER_WORKER)))
@@ -344,8 +351,17 @@ class RewardPool:
                     if worker.process.poll() is not None:  # died while idle: no item to blame
                         worker = self._restart_worker(worker, f"exited with code {worker.process.returncode}")
                     worker.send(_Chunk(self._batches, next(chunk_ids), pending.popleft()))
-            # A worker that went concurrent runs the rest of the batch at once: deal it out.
+            # A worker that went concurrent runs the rest of the batch at once: deal it out, with
+            # what the caller has ready by now.
             concurrent = [w for w in self._workers if w.concurrent_batch == self._batches]
+            extra = more() if concurrent and more is not None else []
+            if extra:
+                first = len(results)
+                results.extend([None] * len(extra))
+                pending.extend(
+                    [_Job(first + i, *extra[i]) for i in range(start, min(start + chunk_size, len(extra)))]
+                    for start in range(0, len(extra), chunk_size)
+                )
             for i in range(len(pending) if concurrent else 0):
                 concurrent[i % len(concurrent)].send(
                     _Chunk(self._batches, next(chunk_ids), pending.popleft())

@@ -10,9 +10,10 @@ Loops and threads (the actor is threaded, ``max_concurrency`` > 1):
      ``groups_per_generate`` are in flight, and submit ``num_samples`` requests per group, all to
      this worker's engine (a group never spans engines: its prompt prefix is shared);
   3. collect groups whose requests have all finished, score them in the reward pool (worker
-     processes, off the engine thread: decoding goes on meanwhile; while the reward function hangs,
-     first wait up to half its timeout for the other groups in flight, since a score call then
-     costs about one timeout whatever its size), drop the groups whose rewards
+     processes, off the engine thread: decoding goes on meanwhile. While the reward function
+     hangs a score call costs about one timeout whatever its size, so groups that finish during a
+     call that went concurrent join it, and the next call first waits up to half the timeout for
+     the groups in flight), drop the groups whose rewards
      are all equal when ``dynamic_sampling`` is on, ``put`` the rest into the datastore and
      ``finish`` all of them at the dispatcher (dropped ones as rejected, so the gate refills them).
   It never waits for training.
@@ -287,10 +288,11 @@ class RolloutWorker:
         length = forced_length(forced.median, forced.sigma, self.config.max_new_tokens, group_id, index)
         return dataclasses.replace(self.params, max_new_tokens=length, stop_token_ids=())
 
-    def _collect_finished_groups(self) -> list[_GroupInFlight]:
-        """Groups whose every request has finished (waits up to ``_POLL_S`` for the first request)."""
+    def _collect_finished_groups(self, wait: bool = True) -> list[_GroupInFlight]:
+        """Groups whose every request has finished (waits up to ``_POLL_S`` for the first request,
+        unless ``wait`` is False)."""
         ready: list[_GroupInFlight] = []
-        timeout_s: float | None = _POLL_S if self._groups else 0.0
+        timeout_s: float | None = _POLL_S if self._groups and wait else 0.0
         while True:
             try:
                 gid = self._finished.get(timeout=timeout_s) if timeout_s else self._finished.get_nowait()
@@ -304,25 +306,40 @@ class RolloutWorker:
             if entry.num_finished == entry.group.num_samples:
                 ready.append(entry)
 
-    def _score_and_put(self, ready: list[_GroupInFlight]) -> None:
-        outputs = {e.group.group_id: [h.result(timeout_s=0) for h in e.handles] for e in ready}
+    def _unaborted(self, ready: list[_GroupInFlight], outputs: dict) -> list[_GroupInFlight]:
+        """Record the outputs of ``ready`` in ``outputs``; abandon the groups with an aborted sample."""
+        for e in ready:
+            outputs[e.group.group_id] = [h.result(timeout_s=0) for h in e.handles]
         aborted = [e for e in ready if any(o.finish_reason == "abort" for o in outputs[e.group.group_id])]
         if aborted:
             self._abandon([e.group.group_id for e in aborted], "samples were aborted")
-            ready = [e for e in ready if e not in aborted]
-            if not ready:
-                return
+        return [e for e in ready if e not in aborted]
+
+    def _score_and_put(self, ready: list[_GroupInFlight]) -> None:
+        outputs: dict[int, list] = {}
+        ready = self._unaborted(ready, outputs)
+        if not ready:
+            return
         start = time.perf_counter()
         if self.episodes is not None:  # the environment scored every episode
             episodes = [cast(EpisodeOutput, o) for e in ready for o in outputs[e.group.group_id]]
             scores = [RewardResult(o.reward, o.reward_status) for o in episodes]
         else:
-            items = [
-                (self._decode(o.response_ids), e.group.prompt.answer)
-                for e in ready
-                for o in outputs[e.group.group_id]
-            ]
-            scores = self.rewards.score(items)
+
+            def items_of(groups: list[_GroupInFlight]) -> list[tuple[str, str]]:
+                return [
+                    (self._decode(o.response_ids), e.group.prompt.answer)
+                    for e in groups
+                    for o in outputs[e.group.group_id]
+                ]
+
+            def more() -> list[tuple[str, str]]:
+                # The rewards hang: groups finishing meanwhile join this batch, not the next.
+                extra = self._unaborted(self._collect_finished_groups(wait=False), outputs)
+                ready.extend(extra)
+                return items_of(extra)
+
+            scores = self.rewards.score(items_of(ready), more)
         self._seconds["reward_s"] += time.perf_counter() - start
 
         writes, accepted, rejected, offset = [], [], [], 0

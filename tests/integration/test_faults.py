@@ -151,10 +151,10 @@ def test_a_reward_function_that_always_raises_stops_the_run_naming_it(tmp_path):
 
 def test_a_reward_that_always_hangs_costs_each_step_less_than_two_timeouts(tmp_path):
     # The quickstart's 512 samples a step, every reward call sleeping past its timeout. In step 1 the
-    # first call is found waiting at a quarter of its timeout and the rest of its batch runs at once;
-    # after it, each score call starts concurrent and the worker scores the groups in flight
-    # together: about one timeout a step.
-    timeout_s = 2.0
+    # first call is found waiting at a quarter of its timeout, the rest of its batch runs at once and
+    # the groups that finish meanwhile join it; after it, each score call starts concurrent and the
+    # worker scores the groups in flight together: about one timeout a step.
+    timeout_s = 4.0
     run_dir = tmp_path / "run"
     cmd = cli_train(
         *QUIET,
@@ -169,4 +169,4 @@ def test_a_reward_that_always_hangs_costs_each_step_less_than_two_timeouts(tmp_p
     assert rows[-1]["rollout/reward_timeouts_total"] >= 3 * 512 and rows[-1]["reward/mean"] == 0.0
     step_s = [round(r["timing/step_s"], 2) for r in rows]
     print(f"step seconds at a {timeout_s} s reward timeout: {step_s}")
-    assert max(step_s[1:]) < 2 * timeout_s, step_s
+    assert max(step_s) < 2 * timeout_s, step_s  # measured at 3 s: [5.2, 3.4, 4.1]; at 5 s: 7.7 then 5.4-6.0

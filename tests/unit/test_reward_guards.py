@@ -59,6 +59,25 @@ def test_a_call_that_computes_is_not_taken_for_a_waiting_one(tmp_path):
     assert starts.read_text().count("start") == 2  # each call started once
 
 
+def test_items_ready_while_a_batch_hangs_join_it_and_a_cheap_batch_never_asks():
+    timeout_s = 1.0
+    asked = []
+
+    def more():
+        asked.append(time.monotonic())
+        return [(f"late{len(asked)}", ""), ("fast", "")] if len(asked) <= 2 else []
+
+    with RewardPool(f"{FIXTURES}:sleep_unless_fast", timeout_s=timeout_s) as pool:
+        assert [r.status for r in pool.score([("fast", "")] * 3, more)] == ["ok"] * 3
+        assert asked == []  # nothing hung: the caller is not asked for more
+        started = time.monotonic()
+        results = pool.score([("a", ""), ("b", "")], more)
+        elapsed_s = time.monotonic() - started
+    # the two given, then the two pairs added once the batch went concurrent, in that order
+    assert [r.status for r in results] == ["timeout", "timeout", "timeout", "ok", "timeout", "ok"]
+    assert elapsed_s < 2 * timeout_s, elapsed_s  # the late items ran alongside, not a timeout later
+
+
 def test_a_batch_starts_concurrent_only_after_a_batch_that_hung():
     with RewardPool(f"{FIXTURES}:pid_unless_slow", timeout_s=0.5, num_workers=1) as pool:
         worker_pid = pool.score([("a", "")])[0].value
