@@ -198,7 +198,6 @@ class RewardPool:
         self._lock = threading.Lock()
         self._counters = {"ok": 0, "error": 0, "timeout": 0, "worker_restarts": 0, "retries": 0}
         self._recent: collections.deque[bool] = collections.deque(maxlen=_WINDOW_ITEMS)
-        self._last_batch_timed_out = False
         """Per recent item: True when it failed ('error' or 'timeout')."""
         self._errors_in_a_row = 0
         self._warned_batches = 0
@@ -215,12 +214,6 @@ class RewardPool:
         """Totals over the pool's life: items per final status ('ok', 'error', 'timeout'), worker
         restarts, and retries (items run again because their worker died while running them)."""
         return dict(self._counters)
-
-    @property
-    def last_batch_timed_out(self) -> bool:
-        """The last batch scored had a call that timed out (the next one starts concurrent, and costs
-        about one timeout whatever its size)."""
-        return self._last_batch_timed_out
 
     @property
     def recent_failure_rate(self) -> float:
@@ -286,7 +279,6 @@ class RewardPool:
     def _after_batch(self, results: list[RewardResult], seconds: float) -> None:
         """Failure window, warning line and the all-error stop (see the module docstring)."""
         failed = [r for r in results if r.status != "ok"]
-        self._last_batch_timed_out = any(r.status == "timeout" for r in failed)
         self._recent.extend(r.status != "ok" for r in results)
         for result in results:
             self._errors_in_a_row = self._errors_in_a_row + 1 if result.status == "error" else 0

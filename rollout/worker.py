@@ -12,8 +12,7 @@ Loops and threads (the actor is threaded, ``max_concurrency`` > 1):
   3. collect groups whose requests have all finished, score them in the reward pool (worker
      processes, off the engine thread: decoding goes on meanwhile. While the reward function
      hangs a score call costs about one timeout whatever its size, so groups that finish during a
-     call that went concurrent join it, and the next call first waits up to half the timeout for
-     the groups in flight), drop the groups whose rewards
+     call that went concurrent join it), drop the groups whose rewards
      are all equal when ``dynamic_sampling`` is on, ``put`` the rest into the datastore and
      ``finish`` all of them at the dispatcher (dropped ones as rejected, so the gate refills them).
   It never waits for training.
@@ -213,8 +212,6 @@ class RolloutWorker:
                     break
                 self._top_up()
                 ready = self._collect_finished_groups()
-                if ready and self.rewards.last_batch_timed_out:
-                    ready += self._linger(len(ready))
                 if ready:
                     self._score_and_put(ready)
             if self._retired is None:  # stopped: hand unfinished groups back (requeued on resume)
@@ -225,18 +222,6 @@ class RolloutWorker:
             self._error = traceback.format_exc()
             logger.error("rollout worker %d failed:\n%s", self.worker_id, self._error)
             self._hand_back("failed")
-
-    def _linger(self, num_ready: int) -> list[_GroupInFlight]:
-        """While rewards hang, a score call costs about one timeout whatever its size: rather than
-        score the first finished groups alone and the rest a timeout later, wait (at most half the
-        timeout) for the other groups in flight to finish too, and score them in the same call."""
-        more: list[_GroupInFlight] = []
-        deadline = time.monotonic() + self.rewards.timeout_s / 2
-        while num_ready + len(more) < len(self._groups) and time.monotonic() < deadline:
-            if self._stop.is_set():
-                break
-            more += self._collect_finished_groups()
-        return more
 
     def _engine_stalled(self) -> bool:
         load = self.engine.load()
