@@ -141,8 +141,10 @@ def _worker_main(
         signal.signal(signal.SIGALRM, on_alarm)
     calls = _CallCounter(page)
     batch, concurrent = -1, False
-    last_hang: _Hangs | None = None  # the last batch's calls timed out (and how): this one starts concurrent
-    hang: _Hangs | None = None  # this batch's
+    # A batch with a timeout: None if none; else whether its calls were all seen waiting (not
+    # computing), so that the next batch, which starts concurrent, may start them all at once.
+    last_hang: bool | None = None
+    hang: bool | None = None  # this batch's
     conn.send("ready")
     while True:
         try:
@@ -180,7 +182,7 @@ def _worker_main(
                 result = RewardResult(0.0, "timeout", f"call exceeded {timeout_s}s")
                 if can_fork:
                     concurrent = True
-                    hang = _Hangs(waiting=False)  # the other calls may compute: ramp up
+                    hang = False  # the other calls may compute: ramp up
                     conn.send(_WentConcurrent(batch))
             except Exception as e:
                 result = RewardResult(0.0, "error", f"{type(e).__name__}: {e}"[:500])
@@ -188,22 +190,13 @@ def _worker_main(
         if len(chunk_results) == len(chunk.jobs):
             conn.send(_ChunkReply(chunk.chunk_id, chunk_results))
             continue
-        known = hang or last_hang  # concurrent: set by a timeout here or in the last batch
-        waiting = known is not None and known.waiting
+        waiting = bool(last_hang) and hang is None  # concurrent from the start, after a waiting batch
         runner = _ConcurrentRunner(conn, fn, timeout_s, concurrency, max_retries, calls, waiting)
         runner.add(chunk, chunk_results)
         if not runner.run(batch):
             return  # the parent said stop (or vanished) meanwhile
         if runner.timeouts:  # the next batch starts concurrent only if this one hung too
-            hang = _Hangs(waiting=not runner.busy_seen)
-
-
-@dataclass(frozen=True)
-class _Hangs:
-    """A batch had calls that timed out; ``waiting``: it ran concurrently and none of its calls was
-    seen computing (they slept or waited), so the next batch's calls may all start at once."""
-
-    waiting: bool
+            hang = not runner.busy_seen
 
 
 class _CallCounter:

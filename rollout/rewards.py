@@ -330,10 +330,7 @@ class RewardPool:
         results: list[RewardResult | None] = [None] * len(items)
         self._batches += 1
         chunk_size = max(1, math.ceil(len(items) / (self.num_workers * _CHUNKS_PER_WORKER)))
-        pending = collections.deque(
-            [_Job(i, *items[i]) for i in range(start, min(start + chunk_size, len(items)))]
-            for start in range(0, len(items), chunk_size)
-        )
+        pending = collections.deque(_chunked(items, 0, chunk_size))
         chunk_ids = itertools.count()
         budget = self.config.batch_budget_s
         budget_deadline = time.monotonic() + budget if budget is not None else math.inf
@@ -348,12 +345,8 @@ class RewardPool:
             concurrent = [w for w in self._workers if w.concurrent_batch == self._batches]
             extra = more() if concurrent and more is not None else []
             if extra:
-                first = len(results)
+                pending.extend(_chunked(extra, len(results), chunk_size))
                 results.extend([None] * len(extra))
-                pending.extend(
-                    [_Job(first + i, *extra[i]) for i in range(start, min(start + chunk_size, len(extra)))]
-                    for start in range(0, len(extra), chunk_size)
-                )
             for i in range(len(pending) if concurrent else 0):
                 concurrent[i % len(concurrent)].send(
                     _Chunk(self._batches, next(chunk_ids), pending.popleft())
@@ -415,6 +408,12 @@ class RewardPool:
         replacement.wait_ready()
         self._counters["worker_restarts"] += 1
         return replacement
+
+
+def _chunked(items: list[tuple[str, str]], first: int, chunk_size: int) -> list[list[_Job]]:
+    """``items`` as jobs numbered from ``first`` in the batch, ``chunk_size`` to a chunk."""
+    jobs = [_Job(first + i, *item) for i, item in enumerate(items)]
+    return [jobs[start : start + chunk_size] for start in range(0, len(jobs), chunk_size)]
 
 
 class _Worker:
