@@ -170,3 +170,16 @@ def test_cancel_ends_a_batch_in_progress_and_the_pool_scores_the_next_one():
 def test_reward_pool_config_names_the_bad_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         RewardPoolConfig(**{field: value})
+
+
+def test_the_reward_hang_bench_times_each_batch_and_ends_with_json(capsys):
+    import json
+
+    import benchmarks as bench
+
+    assert bench.run("reward_hang", ["--items", "6", "--timeout", "0.4", "--batches", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    figures = json.loads(lines[-1])
+    assert figures["bench"] == "reward_hang" and len(figures["seconds"]) == 2
+    assert all(0.4 <= s < 2 * 0.4 + 1.0 for s in figures["seconds"]), figures
+    assert lines[0].startswith("batch 1: 6 calls (6 timed out)")
