@@ -101,15 +101,21 @@ LOGPROB_PATHS = {"chunked": token_logprobs, "full": full_logprobs}
 
 
 class LayerCalls:
-    """Counts the forward calls of the first decoder layer: under gradient checkpointing the backward
-    runs each layer's forward again, so a pass makes 2 calls per micro-batch instead of 1."""
+    """Counts forward calls of every decoder layer of ``module``, recomputes included (a pre-hook:
+    torch's checkpoint stops a recompute once it has the saved tensors, before forward hooks run).
+    Under gradient checkpointing the backward runs each layer's forward again: 2 calls per layer and
+    micro-batch instead of 1."""
 
-    def __init__(self, model) -> None:
-        self.calls = 0
-        model.model.layers[0].register_forward_pre_hook(self._count)
+    def __init__(self, module) -> None:
+        from transformers.modeling_layers import GradientCheckpointingLayer
 
-    def _count(self, module, inputs) -> None:
-        self.calls += 1
+        self.count = 0
+        self.layers = [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for layer in self.layers:
+            layer.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_) -> None:
+        self.count += 1
 
 
 def time_pass(model, micro_batches: list[MicroBatch], device, logprobs=token_logprobs) -> float:
@@ -241,9 +247,10 @@ def main(argv: list[str]) -> int:
             time_pass(model, micro_batches[:2], device, logprobs)  # warm-up (and compile, for flex)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            calls_before = layer_calls.calls
+            calls_before = layer_calls.count
             seconds = min(time_pass(model, micro_batches, device, logprobs) for _ in range(args.repeats))
-            layer_forwards = (layer_calls.calls - calls_before) / (args.repeats * len(micro_batches))
+            passes = args.repeats * len(micro_batches) * len(layer_calls.layers)
+            layer_forwards = (layer_calls.count - calls_before) / passes
             peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             print(f"[bench trainer] {name}: {seconds:.2f}s per pass, peak {peak_gb} GiB", flush=True)
             slots = sum(m.num_slots for m in micro_batches)
@@ -278,7 +285,7 @@ def main(argv: list[str]) -> int:
             f"{r['pad_frac']:>10.1%}{mfu:>8}{peak_gib:>10}"
         )
     calls = summary["layer_forwards_per_micro_batch"]
-    print(f"first decoder layer forwards per micro-batch: {calls} (2 = gradient checkpointing recomputes)")
+    print(f"forwards per decoder layer and micro-batch: {calls} (2 = gradient checkpointing recomputes)")
     print(
         f"{summary['best_packed']} / padded-fixed = {summary['packed_vs_padded_fixed']:.2f}x, "
         f"{summary['best_packed']} / padded-budget = {summary['packed_vs_padded_budget']:.2f}x; "

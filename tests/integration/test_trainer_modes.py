@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from areal_like.core.net import free_port
+from benchmarks.trainer import LayerCalls
 from tests.integration.test_trainer_dist import MAX_NEW_TOKENS, make_batch
 from tests.spawned import run_spawned
 from trainer.config import KLConfig, TrainConfig
@@ -24,22 +25,6 @@ pytestmark = pytest.mark.slow
 # PPO with a critic and a reference model: all three engines of a trainer rank in one run.
 PPO = dict(algo="ppo", kl=KLConfig(coef=0.1), zero_stage=2, micro_batch_size=8, packing=False)
 SFT_RECORDS = [{"prompt": f"{a}+{b}=", "response": str(a + b)} for a in range(4) for b in range(2)]
-
-
-class LayerCalls:
-    """Counts forward calls of every decoder layer of ``module``, recomputes included (a pre-hook:
-    torch's checkpoint stops a recompute once it has the saved tensors, before forward hooks run)."""
-
-    def __init__(self, module) -> None:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
-        self.count = 0
-        self.layers = [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)]
-        for layer in self.layers:
-            layer.register_forward_pre_hook(self._hook)
-
-    def _hook(self, *_) -> None:
-        self.count += 1
 
 
 def _job(port: int, model_dir: str, sft_path: str, tmp: str, out) -> None:
