@@ -149,11 +149,11 @@ def test_a_reward_function_that_always_raises_stops_the_run_naming_it(tmp_path):
     assert "KeyError" in error and "stop_if_all_error=false" in error
 
 
-def test_a_reward_that_always_hangs_costs_each_step_less_than_two_timeouts(tmp_path):
+def test_a_reward_that_always_hangs_costs_a_step_about_one_timeout_not_one_per_call(tmp_path):
     # The quickstart's 512 samples a step, every reward call sleeping past its timeout. In step 1 the
     # first call is found waiting at a quarter of its timeout, the rest of its batch runs at once and
     # the groups that finish meanwhile join it; after it, each score call starts concurrent and the
-    # worker scores the groups in flight together: about one timeout a step.
+    # worker scores the groups in flight together: a step takes about the generation plus one timeout.
     timeout_s = 4.0
     run_dir = tmp_path / "run"
     cmd = cli_train(
@@ -169,4 +169,8 @@ def test_a_reward_that_always_hangs_costs_each_step_less_than_two_timeouts(tmp_p
     assert rows[-1]["rollout/reward_timeouts_total"] >= 3 * 512 and rows[-1]["reward/mean"] == 0.0
     step_s = [round(r["timing/step_s"], 2) for r in rows]
     print(f"step seconds at a {timeout_s} s reward timeout: {step_s}")
-    assert max(step_s) < 2 * timeout_s, step_s  # measured at 3 s: [5.2, 3.4, 4.1]; at 5 s: 7.7 then 5.4-6.0
+    # Bounds with room for a loaded 2-core machine. Step 1 also holds the engine's first generation
+    # (here [6.3, 4.7, 4.6]; on CI once [8.0, 5.2, 4.7]). One timeout per sequential call, as before
+    # the pool found waiting calls, cost 4.5-4.8 timeouts in step 1.
+    assert step_s[0] < 3 * timeout_s, step_s
+    assert max(step_s[1:]) < 2 * timeout_s, step_s
