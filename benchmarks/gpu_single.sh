@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one-GPU benchmarks of docs/benchmarks.md, in one go on the GPU machine (after staging the stack,
 # see ../shared/gpu/README.md): flex-attention packing test, rollout overhead, colocated weight sync
-# (1.5B, 7B), trainer MFU and memory, 20 colocated GSM8K steps at 1.5B. WHAT picks and orders them.
+# (1.5B, 7B), trainer MFU and memory, 20 colocated GSM8K steps at 1.5B, the GSM8K CPU recipe (SFT then
+# GRPO) learning on the GPU (`learn`, not in the default list). WHAT picks and orders them.
 # Each writes its JSON line into ${OUT:-benchmarks/results/tmp}/<name>.json (with JSONL=1: all of
 # them into bench.jsonl, and vLLM's start-up lines into startup.log, for the 8-file limit of $OUT).
 set -uo pipefail
@@ -34,5 +35,6 @@ for what in ${WHAT:-flex vllm mixes mixes_eager sync15 sync7 trainer gsm8k20}; d
     trainer) run trainer_1.5b trainer --shape 1.5b --grad-ckpt --num-seqs 256 --budget 16384 --fixed-size 8 --repeats 2 \
                --logprobs chunked,full ;;
     gsm8k20) bash benchmarks/gpu_gsm8k_steps.sh "$out" ;;
+    learn)   bash benchmarks/gpu_gsm8k_learn.sh "$out" ;;
   esac
 done
