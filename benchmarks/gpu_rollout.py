@@ -12,7 +12,13 @@ timed from the first request to the last token (engine start-up excluded and rep
 ``--stream-intervals 1,16`` runs ours once per ``rollout.vllm.stream_interval`` (tokens per output
 delta the client handles), each on a fresh engine; ``ours_over_raw`` is that of the last one.
 ``--mixes 256:256:1024,1024:1024:8192`` runs several workloads (requests:median:cap) on the same
-engines (one start each; ``max_num_seqs`` and ``max_model_len`` fit the largest).
+engines (one start each; ``max_num_seqs`` and ``max_model_len`` fit the largest). ``--repeats N``
+runs every workload N times on each engine; ratios are of the median seconds. Every run records the
+CPU seconds of the client (raw: the calling thread, which runs ``LLM.generate``'s loop; ours: the
+AsyncLLM client's thread plus the submitting thread) and of the engine-core process, each also as a
+share of the wall time: a client near 1.0 is the bottleneck. ``--profile`` adds one profiled run of
+ours per workload (not timed) and reports the client's heaviest functions (cProfile; Python >= 3.12
+profiles every thread of the process, older versions the client's thread).
 GPU only. Last line: JSON with ``ours_over_raw`` per mix and ``ours_over_raw_min`` (target >= 0.97).
 """
 
@@ -22,6 +28,7 @@ import argparse
 import gc
 import tempfile
 import time
+from functools import partial
 
 import numpy as np
 
@@ -58,6 +65,8 @@ def main(argv: list[str]) -> int:
     )  # fmt: skip
     parser.add_argument("--eager", action="store_true", help="enforce_eager (no CUDA graphs) for both")
     parser.add_argument("--stream-intervals", default="16", help="comma-separated; ours runs once per value")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every workload on each engine")
+    parser.add_argument("--profile", action="store_true", help="one extra profiled run of ours per workload")
     parser.add_argument("--gpu-mem", type=float, default=0.85)
     parser.add_argument("--model-dir", default=None, help="reuse/keep the random model here")
     parser.add_argument("--out", default=None, help="also write the JSON result to this file")
@@ -65,9 +74,16 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     mixes = parse_mixes(args.mixes) if args.mixes else [(args.requests, args.median, args.cap)]
     intervals = [int(v) for v in args.stream_intervals.split(",")]
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats {args.repeats}: at least 1")
+
+    import cProfile
+    import statistics
+    import sys
 
     import torch
 
+    from benchmarks._cpu_usage import RunCPU, measured, top_functions
     from benchmarks._models import SHAPES, random_qwen2
     from rollout import vllm_adapter as adapter
     from rollout.config import VLLMConfig
@@ -96,18 +112,18 @@ def main(argv: list[str]) -> int:
     raw_start_s = time.perf_counter() - start
     warm = [adapter.sampling_params(SamplingParams(max_new_tokens=8, temperature=1.0), stream=False)] * 8
     adapter.offline_generate(llm, workloads[0][0][:8], warm)  # warm-up
-    raw_s = []
-    for prompts, lengths in workloads:
-        sampled = [SamplingParams(max_new_tokens=n, temperature=1.0) for n in lengths]
-        params = [adapter.sampling_params(p, seed=args.seed + i, stream=False) for i, p in enumerate(sampled)]
-        start = time.perf_counter()
-        raw = adapter.offline_generate(llm, prompts, params)
-        raw_s.append(time.perf_counter() - start)
-        assert sum(len(d.token_ids) for d in raw) == sum(lengths)
-        print(
-            f"  raw, {len(prompts)} requests, {sum(lengths)} tokens: {sum(lengths) / raw_s[-1]:.0f} tok/s",
-            flush=True,
-        )
+    raw_runs: list[list[RunCPU]] = [[] for _ in workloads]
+    for _ in range(args.repeats):
+        for i, (prompts, lengths) in enumerate(workloads):
+            sampled = [SamplingParams(max_new_tokens=n, temperature=1.0) for n in lengths]
+            params = [
+                adapter.sampling_params(p, seed=args.seed + j, stream=False) for j, p in enumerate(sampled)
+            ]
+            raw, run = measured(partial(adapter.offline_generate, llm, prompts, params), time.thread_time)
+            raw_runs[i].append(run)
+            assert sum(len(d.token_ids) for d in raw) == sum(lengths)
+            rate, busy = sum(lengths) / run.seconds, run.client_cpu_s / run.seconds
+            print(f"  raw, {len(prompts)} requests: {rate:.0f} tok/s (client busy {busy:.2f})", flush=True)
     adapter.shutdown_offline(llm)
     del llm
     gc.collect()
@@ -118,8 +134,9 @@ def main(argv: list[str]) -> int:
 
     from rollout.vllm_engine import VLLMEngine
 
-    ours_s: dict[int, list[float]] = {}
+    ours_runs: dict[int, list[list[RunCPU]]] = {}
     ours_start: dict[int, dict] = {}
+    profiles: list[list[dict]] = []
     for interval in intervals:
         start = time.perf_counter()
         engine = VLLMEngine(
@@ -131,31 +148,53 @@ def main(argv: list[str]) -> int:
             warmup_s=round(engine.warmup_seconds, 2),
         )
         engine.generate(workloads[0][0][:8], SamplingParams(max_new_tokens=8, temperature=1.0), timeout_s=600)
-        ours_s[interval] = []
-        for prompts, lengths in workloads:
-            params = [SamplingParams(max_new_tokens=n, temperature=1.0) for n in lengths]
-            start = time.perf_counter()
-            outs = engine.generate(prompts, params, timeout_s=3600)
-            ours_s[interval].append(time.perf_counter() - start)
-            tokens = sum(len(o.response_ids) for o in outs)
-            assert tokens == sum(lengths), (tokens, sum(lengths))
-            rate = tokens / ours_s[interval][-1]
-            print(
-                f"  ours, stream_interval {interval}, {len(prompts)} requests: {rate:.0f} tok/s", flush=True
-            )
+
+        def client_cpu(engine=engine) -> float:
+            return engine.on_client_thread(time.thread_time) + time.thread_time()
+
+        ours_runs[interval] = [[] for _ in workloads]
+        for _ in range(args.repeats):
+            for i, (prompts, lengths) in enumerate(workloads):
+                params = [SamplingParams(max_new_tokens=n, temperature=1.0) for n in lengths]
+                outs, run = measured(partial(engine.generate, prompts, params, timeout_s=3600), client_cpu)
+                ours_runs[interval][i].append(run)
+                tokens = sum(len(o.response_ids) for o in outs)
+                assert tokens == sum(lengths), (tokens, sum(lengths))
+                rate, busy = tokens / run.seconds, run.client_cpu_s / run.seconds
+                print(
+                    f"  ours, stream_interval {interval}, {len(prompts)} requests: {rate:.0f} tok/s "
+                    f"(client busy {busy:.2f})",
+                    flush=True,
+                )
+        if args.profile and interval == intervals[-1]:
+            for prompts, lengths in workloads:
+                params = [SamplingParams(max_new_tokens=n, temperature=1.0) for n in lengths]
+                profile = cProfile.Profile()
+                engine.on_client_thread(profile.enable)
+                engine.generate(prompts, params, timeout_s=3600)
+                engine.on_client_thread(profile.disable)
+                profiles.append(top_functions(profile, 25))
         engine.close()
         del engine
         gc.collect()
 
+    def median_s(runs: list[RunCPU]) -> float:
+        return statistics.median(r.seconds for r in runs)
+
     results = []
     for i, ((requests, median, cap), (_, lengths)) in enumerate(zip(mixes, workloads, strict=True)):
         total = sum(lengths)
+        raw_s = median_s(raw_runs[i])
         by_interval = [
             dict(
                 stream_interval=v,
-                tokens_per_s=round(total / ours_s[v][i], 1),
-                seconds=round(ours_s[v][i], 3),
-                over_raw=round(raw_s[i] / ours_s[v][i], 4),
+                tokens_per_s=round(total / median_s(ours_runs[v][i]), 1),
+                seconds=round(median_s(ours_runs[v][i]), 3),
+                over_raw=round(raw_s / median_s(ours_runs[v][i]), 4),
+                over_raw_each=[
+                    round(r.seconds / o.seconds, 4) for r, o in zip(raw_runs[i], ours_runs[v][i], strict=True)
+                ],
+                runs=[o.as_dict() for o in ours_runs[v][i]],
             )
             for v in intervals
         ]
@@ -164,10 +203,12 @@ def main(argv: list[str]) -> int:
                 requests=requests,
                 lengths={"median": median, "sigma": 1.0, "cap": cap, "mean": round(total / requests, 1)},
                 generated_tokens=total,
-                raw_tokens_per_s=round(total / raw_s[i], 1),
-                raw_s=round(raw_s[i], 3),
+                raw_tokens_per_s=round(total / raw_s, 1),
+                raw_s=round(raw_s, 3),
+                raw_runs=[r.as_dict() for r in raw_runs[i]],
                 ours_by_stream_interval=by_interval,
                 ours_over_raw=by_interval[-1]["over_raw"],
+                **({"client_profile": profiles[i]} if profiles else {}),
             )
         )
     result = {
@@ -177,6 +218,8 @@ def main(argv: list[str]) -> int:
         "prompt_len": args.prompt_len,
         "enforce_eager": args.eager,
         "max_num_seqs": max_seqs,
+        "repeats": args.repeats,
+        "python": sys.version.split()[0],
         "raw_start_s": round(raw_start_s, 1),
         "ours_start": ours_start,
         "mixes": results,

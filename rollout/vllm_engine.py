@@ -27,9 +27,9 @@ import pickle
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from areal_like.core.types import GenerationOutput
 from rollout import vllm_adapter as vllm
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from rollout.config import VLLMConfig
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def token_versions(start_version: int, swaps: list[tuple[int, int]], first: int, count: int) -> list[int]:
@@ -258,6 +259,15 @@ class VLLMEngine:
 
     def weights_digest(self) -> str:
         return self._call(vllm.rpc(self._llm, "areal_digest"), 600.0)
+
+    def on_client_thread(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run on the thread that runs the AsyncLLM client and our request tasks (for
+        diagnostics: that thread's CPU time, a profiler switched on or off there)."""
+
+        async def call() -> T:
+            return fn()
+
+        return self._call(call(), 60.0)
 
     # ---- loop side --------------------------------------------------------------------------------
     async def _serve(self, handle: RequestHandle, prompt_ids: list[int], params: Any) -> None:
