@@ -137,7 +137,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     sft.set_defaults(func=_sft)
 
-    build = sub.add_parser("build-model", help="build a small Qwen2-architecture model + tokenizer locally")
+    build = sub.add_parser("build-model", help="build a small Qwen2 or Qwen3 model + tokenizer locally")
     build.add_argument("--out", required=True, help="output directory (Hugging Face format)")
     build.add_argument("--overwrite", action="store_true")
     build.add_argument("overrides", nargs="*", help="ModelBuildConfig fields as key=value, e.g. num_layers=4")

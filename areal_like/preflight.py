@@ -5,7 +5,8 @@ and checks, in the driver:
 - the algorithm: GRPO's group-relative advantages need ``rollout.group_size`` >= 2;
 - the resources: GPUs, CUDA and vLLM for a GPU recipe, against this machine (a local Ray) or, once
   Ray is up, against the cluster (``check_cluster``), so no actor waits for what cannot come;
-- the model: ``model.path`` is a directory, its config.json parses, its tokenizer loads; the context
+- the model: ``model.path`` is a directory, its config.json parses, its ``model_type`` is one the
+  weight-reallocation plan maps when that or vLLM is used, its tokenizer loads; the context
   (``max_position_embeddings``, or ``rollout.vllm.max_model_len``) bounds a prompt plus
   ``rollout.max_new_tokens``;
 - the prompts: each fits the context (one far longer than any tokenization of the context could be
@@ -251,6 +252,7 @@ def check_model(config: Config) -> tuple[object, int | None]:
         raise ConfigError(f"{config_file}: cannot be read: {err}") from None
     if not isinstance(model_config, dict):
         raise ConfigError(f"{config_file}: holds a {type(model_config).__name__}, expected a JSON object")
+    check_model_family(config, model_config.get("model_type"))
     fix = "the directory needs the tokenizer files saved with the model (tokenizer.json or vocab files)"
     if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
         raise ConfigError(f"model.path={path!r}: the tokenizer does not load: no tokenizer file; {fix}")
@@ -271,6 +273,23 @@ def check_model(config: Config) -> tuple[object, int | None]:
         (int(c[k]) for c in sources for k in CONTEXT_KEYS if isinstance(c.get(k), int)), None
     )
     return tokenizer, _engine_context(config, model_context)
+
+
+def check_model_family(config: Config, model_type: object) -> None:
+    """The weight-reallocation plan and vLLM's weight check map the tensors of Qwen2 and dense Qwen3
+    only; another family is refused now rather than at the first weight sync or the last check."""
+    from areal_like.config import ConfigError
+    from areal_like.core.realloc.qwen2 import MODEL_TYPES
+
+    if model_type in MODEL_TYPES or not (config.realloc.enabled or config.rollout.engine == "vllm"):
+        return
+    fix = "set realloc.enabled=false (whole state dicts to the engines)"
+    fix = fix + " and rollout.engine=hf" if config.rollout.engine == "vllm" else fix
+    raise ConfigError(
+        f"model.path={config.model.path!r}: model_type {model_type!r} is not one the weight-reallocation "
+        f"plan and the vLLM engine's weight check know ({', '.join(MODEL_TYPES)}: Qwen2, Qwen2.5, dense "
+        f"Qwen3); use such a model, or {fix}"
+    )
 
 
 def _engine_context(config: Config, model_context: int | None) -> int | None:

@@ -1,14 +1,17 @@
-"""Qwen2 causal LMs built from scratch (tiny ones, or Qwen2.5's shapes), and local-only loaders.
+"""Qwen2 and Qwen3 causal LMs built from scratch (tiny ones, or Qwen2.5's and Qwen3's shapes), and
+local-only loaders.
 
 ``build_model`` writes a standard Hugging Face model directory (config.json, safetensors weights,
 generation_config.json, tokenizer files) that ``AutoModelForCausalLM``/``AutoTokenizer`` and vLLM
-load as an ordinary Qwen2 checkpoint. Loaders pass ``local_files_only=True``: nothing reaches a hub.
+load as an ordinary Qwen2 (or Qwen3) checkpoint. Loaders pass ``local_files_only=True``: nothing
+reaches a hub.
 
 Two tokenizers (``ModelBuildConfig.tokenizer``): 'char' (one token per character of a small
 alphabet, for the arithmetic tasks) and 'qwen' (Qwen2.5's 151,665-token BPE with its ChatML
 template, ``areal_like.core.tokenizer.build_qwen_tokenizer``). A 'qwen' model gets Qwen2.5-Instruct's
 special-token ids: bos and pad ``<|endoftext|>``, eos ``<|im_end|>``, and both ``<|im_end|>`` and
-``<|endoftext|>`` as eos in generation_config.json.
+``<|endoftext|>`` as eos in generation_config.json. A built Qwen3 gets the same tokenizer (Qwen3's
+adds <think> and tool tokens after id 151,664 and its own template; a real Qwen3 directory brings them).
 
 torch and transformers are imported inside the functions so that the config can be composed
 (OmegaConf, CLI parsing) without them.
@@ -27,7 +30,12 @@ from areal_like.core.tokenizer import DEFAULT_ALPHABET, QWEN_ADDED_TOKENS, QWEN_
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen2Config
+    from transformers import (
+        PretrainedConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        PreTrainedTokenizerFast,
+    )
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +58,20 @@ SHAPES: dict[str, dict] = {
         hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4, intermediate_size=18944,
         vocab_size=152064, tie_word_embeddings=False, max_position_embeddings=32768, rope_theta=1e6,
     ),
+    "qwen3-0.6b": dict(
+        architecture="qwen3", hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+        intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=40960,
+        rope_theta=1e6,
+    ),
+    "qwen3-1.7b": dict(
+        architecture="qwen3", hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+        intermediate_size=6144, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=40960,
+        rope_theta=1e6,
+    ),
 }  # fmt: skip
-"""Named shapes: the architecture fields of the public Qwen2.5 base models' config.json."""
+"""Named shapes: the architecture fields of the public Qwen2.5 and Qwen3 base models' config.json."""
+
+ARCHITECTURES = ("qwen2", "qwen3")
 
 
 @dataclass
@@ -84,11 +104,17 @@ class ModelBuildConfig:
     151,936 ('qwen'). Must be >= the tokenizer's size."""
     rope_theta: float = 10000.0
     """Base of the rotary position embedding (Qwen2.5: 1,000,000)."""
+    architecture: str = "qwen2"
+    """'qwen2' (Qwen2, Qwen2.5: q/k/v biases) or 'qwen3' (dense Qwen3: no biases, per-head RMSNorm of
+    queries and keys)."""
+    head_dim: int | None = None
+    """Width of one attention head; None = hidden_size / num_heads (Qwen3 sets 128 whatever the width)."""
     shape: str = "custom"
-    """'custom': the fields above. A named shape ('qwen2.5-0.5b', 'qwen2.5-1.5b', 'qwen2.5-7b') sets
-    hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, vocab_size,
-    tie_word_embeddings, max_position_embeddings and rope_theta to that model's config.json values;
-    setting one of them to something else as well is an error."""
+    """'custom': the fields above. A named shape ('qwen2.5-0.5b', 'qwen2.5-1.5b', 'qwen2.5-7b',
+    'qwen3-0.6b', 'qwen3-1.7b') sets architecture, hidden_size, num_layers, num_heads, num_kv_heads,
+    head_dim (Qwen3), intermediate_size, vocab_size, tie_word_embeddings, max_position_embeddings and
+    rope_theta to that model's config.json values; setting one of them to something else as well is
+    an error."""
 
     def __post_init__(self) -> None:
         self._apply_shape()
@@ -101,10 +127,20 @@ class ModelBuildConfig:
                 f"ModelBuildConfig.max_position_embeddings={self.max_position_embeddings}; "
                 "must be >= 2 (room for a prompt and a response token)"
             )
-        if self.hidden_size % self.num_heads != 0 or (self.hidden_size // self.num_heads) % 2 != 0:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"ModelBuildConfig.architecture={self.architecture!r}; allowed values are {ARCHITECTURES}"
+            )
+        if self.head_dim is not None:
+            if self.head_dim < 2 or self.head_dim % 2:
+                raise ValueError(
+                    f"ModelBuildConfig.head_dim={self.head_dim}; must be an even number >= 2 (rotary)"
+                )
+        elif self.hidden_size % self.num_heads != 0 or (self.hidden_size // self.num_heads) % 2 != 0:
             raise ValueError(
                 f"ModelBuildConfig.hidden_size={self.hidden_size} with num_heads={self.num_heads} gives "
-                f"head dim {self.hidden_size / self.num_heads}; pick hidden_size = num_heads * an even number"
+                f"head dim {self.hidden_size / self.num_heads}; pick hidden_size = num_heads * an even "
+                "number or set head_dim"
             )
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(
@@ -173,13 +209,16 @@ def make_tokenizer(cfg: ModelBuildConfig) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def model_config(cfg: ModelBuildConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen2Config:
-    """The Qwen2Config of ``cfg`` with ``tokenizer``'s special-token ids (bos falls back to pad:
-    Qwen2.5's tokenizer has no bos token, its config.json names <|endoftext|>)."""
-    from transformers import Qwen2Config
+def model_config(cfg: ModelBuildConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """The Qwen2Config (Qwen3Config) of ``cfg`` with ``tokenizer``'s special-token ids (bos falls back
+    to pad: Qwen2.5's tokenizer has no bos token, its config.json names <|endoftext|>)."""
+    from transformers import Qwen2Config, Qwen3Config
 
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id
-    return Qwen2Config(
+    config_class = Qwen3Config if cfg.architecture == "qwen3" else Qwen2Config
+    head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads  # Qwen3Config's default is 128
+    extra = {"head_dim": head_dim} if cfg.architecture == "qwen3" or cfg.head_dim else {}
+    return config_class(
         vocab_size=cfg.model_vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -194,13 +233,14 @@ def model_config(cfg: ModelBuildConfig, tokenizer: PreTrainedTokenizerBase) -> Q
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         dtype="float32",
+        **extra,
     )
 
 
 def make_model(cfg: ModelBuildConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """A randomly initialised float32 Qwen2 model (seeded by ``cfg.seed``) and its tokenizer."""
+    """A randomly initialised float32 Qwen2 (Qwen3) model (seeded by ``cfg.seed``) and its tokenizer."""
     import torch
-    from transformers import GenerationConfig, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     from areal_like.core.tokenizer import stop_token_ids
 
@@ -209,7 +249,7 @@ def make_model(cfg: ModelBuildConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
     # Seed a forked RNG so the caller's global torch RNG stream is left untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = Qwen2ForCausalLM(config).to(torch.float32)
+        model = AutoModelForCausalLM.from_config(config).to(torch.float32)
     stops = stop_token_ids(tokenizer)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id,

@@ -54,8 +54,16 @@ def _check(summary, rows, eta):
     assert max(r["staleness/max"] for r in rows) <= eta
 
 
-@pytest.mark.parametrize("realloc", [True, False], ids=["ipc_plan", "object_store"])
-def test_colocated_run_on_one_gpu(tmp_path, realloc):
+# A dense Qwen3: q/k norms, no q/k/v biases, head dim 128 at hidden 256 and 4 heads (as Qwen3 sets it).
+QWEN3 = ("model.build.architecture=qwen3", "model.build.head_dim=128")
+
+
+@pytest.mark.parametrize(
+    ("realloc", "model"),
+    [(True, ()), (False, ()), (True, QWEN3)],
+    ids=["ipc_plan", "object_store", "ipc_plan_qwen3"],
+)
+def test_colocated_run_on_one_gpu(tmp_path, realloc, model):
     eta = 1 if realloc else 0
     summary, rows = _run(
         tmp_path / "run",
@@ -63,6 +71,7 @@ def test_colocated_run_on_one_gpu(tmp_path, realloc):
         "realloc.placement=colocated",
         f"realloc.enabled={str(realloc).lower()}",
         f"rollout.max_staleness={eta}",
+        *model,
     )
     _check(summary, rows, eta)
 

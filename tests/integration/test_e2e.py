@@ -199,7 +199,16 @@ def test_cli_refuses_a_malformed_prompt_file_naming_the_line(tmp_path):
     assert not run_dir.exists()  # nothing was started or written
 
 
-def test_weights_reach_the_engines_through_the_reallocation_plan(tmp_path):
+@pytest.mark.parametrize(
+    "model",
+    [
+        [],
+        # a dense Qwen3 (q/k norms, no q/k/v biases, head dim 32 at hidden 64 and 4 heads)
+        ["model.build.architecture=qwen3", "model.build.hidden_size=64", "model.build.head_dim=32"],
+    ],
+    ids=["qwen2", "qwen3"],
+)
+def test_weights_reach_the_engines_through_the_reallocation_plan(tmp_path, model):
     run_dir = tmp_path / "realloc"
     summary = run_training(
         tiny_config(
@@ -211,8 +220,11 @@ def test_weights_reach_the_engines_through_the_reallocation_plan(tmp_path):
             "eval.enabled=false",
             "run.plot=false",
             "task.reward_fn=tests.unit.reward_fixtures:response_length",
+            *model,
         )
     )
+    config = json.loads((run_dir / "init_model" / "config.json").read_text())
+    assert config["model_type"] == ("qwen3" if model else "qwen2")
     assert summary.last_step == 3 and summary.version == 3
     assert summary.final_weights_digest != summary.start_weights_digest  # training moved the weights
     assert summary.engines_in_sync  # sha256 of the engine's weights == the trainer's after step 3

@@ -179,3 +179,13 @@ def test_a_built_model_is_checked_with_the_tokenizer_it_will_be_built_with(tmp_p
     tokenizer, _ = check_model(cfg)
     assert len(tokenizer) >= 151_643
     assert tokenizer.decode(tokenizer("How many apples?")["input_ids"]) == "How many apples?"
+
+
+def test_a_model_family_the_weight_plan_does_not_map_is_refused_before_the_run(tmp_path, capsys, model_dir):
+    llama = tmp_path / "llama"
+    shutil.copytree(model_dir, llama)
+    config = json.loads((llama / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    err = refused(capsys, tmp_path / "run", f"model.path={llama}", "realloc.enabled=true")
+    assert "model_type 'llama' is not one the weight-reallocation plan" in err
+    assert "set realloc.enabled=false" in err

@@ -168,21 +168,36 @@ def test_built_qwen_model_dir_loads_with_auto_tokenizer(qwen_model_dir, qwen):
 
 
 @pytest.mark.parametrize(
-    ("shape", "num_params"),
-    # Parameter counts of the public Qwen2.5 base models (0.49B, 1.54B, 7.61B).
-    [("qwen2.5-0.5b", 494_032_768), ("qwen2.5-1.5b", 1_543_714_304), ("qwen2.5-7b", 7_615_616_512)],
+    ("shape", "num_params", "non_embedding"),
+    # Parameter counts of the public Qwen2.5 base models (0.49B, 1.54B, 7.61B) and of Qwen3's model
+    # cards (0.6B with 0.44B non-embedding, 1.7B with 1.4B).
+    [
+        ("qwen2.5-0.5b", 494_032_768, None),
+        ("qwen2.5-1.5b", 1_543_714_304, None),
+        ("qwen2.5-7b", 7_615_616_512, None),
+        ("qwen3-0.6b", 0.6e9, 0.44e9),
+        ("qwen3-1.7b", 1.7e9, 1.4e9),
+    ],
 )
-def test_named_shapes_have_qwen25_parameter_counts(shape, num_params, qwen):
+def test_named_shapes_have_the_public_models_parameter_counts(shape, num_params, non_embedding, qwen):
     import torch
-    from transformers import Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     cfg = ModelBuildConfig(shape=shape, tokenizer="qwen")
     assert cfg.hidden_size == SHAPES[shape]["hidden_size"]
     config = model_config(cfg, qwen)
+    assert config.model_type == {"qwen2.5": "qwen2", "qwen3": "qwen3"}[shape.split("-")[0]]
     assert config.rope_parameters["rope_theta"] == 1e6
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
-    assert sum(p.numel() for p in model.parameters()) == num_params
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    if non_embedding is None:
+        assert total == num_params
+    else:  # the model cards round to 0.1B (0.01B below 1B)
+        digits = 2 if num_params < 1e9 else 1
+        assert round(total / 1e9, digits) == num_params / 1e9
+        embedding = model.get_input_embeddings().weight.numel()
+        assert round((total - embedding) / 1e9, 2 if non_embedding < 1e9 else 1) == non_embedding / 1e9
 
 
 def test_named_shape_refuses_a_conflicting_field():

@@ -39,6 +39,11 @@ from areal_like.core.realloc.synthetic import layout_sources, random_weights, wi
 DIMS = Qwen2Dims(
     vocab_size=37, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2
 )
+# Qwen3: no q/k/v biases, per-head q/k norms, and a head dim that is not hidden_size / num_heads.
+QWEN3_DIMS = Qwen2Dims(
+    vocab_size=37, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+    head_dim=16, attention_bias=False, qk_norm=True,
+)  # fmt: skip
 
 
 def _layout(kind: str, specs, num_ranks: int) -> SourceLayout:
@@ -54,21 +59,24 @@ def _run(plan, weights) -> dict[int, dict[str, torch.Tensor]]:
     return staging
 
 
-def _vllm_reference(w: dict[str, torch.Tensor], tp: int, k: int) -> dict[str, torch.Tensor]:
+def _vllm_reference(dims: Qwen2Dims, w: dict[str, torch.Tensor], tp: int, k: int) -> dict[str, torch.Tensor]:
     """vLLM's rank-k tensors built with torch ops, independently of the plan's placements."""
-    kv_shards = min(tp, DIMS.num_kv_heads)
+    kv_shards = min(tp, dims.num_kv_heads)
     s = k // (tp // kv_shards)
-    vocab_padded = -(-DIMS.vocab_size // 64) * 64
-    embed = F.pad(w["model.embed_tokens.weight"], (0, 0, 0, vocab_padded - DIMS.vocab_size))
+    vocab_padded = -(-dims.vocab_size // 64) * 64
+    embed = F.pad(w["model.embed_tokens.weight"], (0, 0, 0, vocab_padded - dims.vocab_size))
     out = {"model.embed_tokens.weight": embed.chunk(tp)[k], "model.norm.weight": w["model.norm.weight"]}
-    for i in range(DIMS.num_layers):
+    for i in range(dims.num_layers):
         p = f"model.layers.{i}"
-        for suffix in ("weight", "bias"):
+        for suffix in ("weight", "bias") if dims.attention_bias else ("weight",):
             q, kk, v = (w[f"{p}.self_attn.{n}_proj.{suffix}"] for n in "qkv")
             out[f"{p}.self_attn.qkv_proj.{suffix}"] = torch.cat(
                 [q.chunk(tp)[k], kk.chunk(kv_shards)[s], v.chunk(kv_shards)[s]]
             )
         out[f"{p}.self_attn.o_proj.weight"] = w[f"{p}.self_attn.o_proj.weight"].chunk(tp, dim=1)[k]
+        if dims.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                out[f"{p}.self_attn.{norm}.weight"] = w[f"{p}.self_attn.{norm}.weight"]
         out[f"{p}.mlp.gate_up_proj.weight"] = torch.cat(
             [w[f"{p}.mlp.gate_proj.weight"].chunk(tp)[k], w[f"{p}.mlp.up_proj.weight"].chunk(tp)[k]]
         )
@@ -125,16 +133,17 @@ def test_hf_engines_receive_the_trainer_weights_bit_for_bit(kind, num_ranks, num
 @pytest.mark.parametrize("kind", ["replicated", "zero3"])
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("num_engines", [1, 2])
-def test_vllm_tensor_parallel_ranks_receive_fused_and_sliced_tensors(kind, tp, num_engines):
-    specs = DIMS.specs("bfloat16")
+@pytest.mark.parametrize("dims", [DIMS, QWEN3_DIMS], ids=["qwen2", "qwen3"])
+def test_vllm_tensor_parallel_ranks_receive_fused_and_sliced_tensors(kind, tp, num_engines, dims):
+    specs = dims.specs("bfloat16")
     weights = random_weights(specs, seed=2)
     plan = make_plan(
-        _layout(kind, specs, 2), vllm_destination(DIMS, "bfloat16", num_engines, tp), 512, checksum=True
+        _layout(kind, specs, 2), vllm_destination(dims, "bfloat16", num_engines, tp), 512, checksum=True
     )
     staging = _run(plan, weights)
     cast = wire_cast(weights, specs)
     for e in range(num_engines * tp):
-        expected = _vllm_reference(cast, tp, e % tp)
+        expected = _vllm_reference(dims, cast, tp, e % tp)
         assert set(staging[e]) == set(expected)
         for name, tensor in expected.items():
             assert torch.equal(staging[e][name], tensor), (e, name)
@@ -333,3 +342,23 @@ def test_a_receive_whose_sender_never_started_the_version_is_refused():
     assert err.value.unresponsive == [names[0]]
     engine.close(wait_s=0.1)
     trainer.close(wait_s=0.1)
+
+
+@pytest.mark.parametrize("architecture", ["qwen2", "qwen3"])
+def test_the_plans_tensors_are_the_models_parameters_in_order(architecture):
+    from areal_like.core.models import ModelBuildConfig, make_model
+
+    # Qwen3 with a head dim that is not hidden_size / num_heads, as in every released Qwen3
+    extra = {"head_dim": 32} if architecture == "qwen3" else {}
+    model, _ = make_model(ModelBuildConfig(architecture=architecture, hidden_size=64, num_heads=4, **extra))
+    dims = Qwen2Dims.from_config(model.config)
+    qwen3 = architecture == "qwen3"
+    assert (dims.attention_bias, dims.qk_norm) == (not qwen3, qwen3)
+    assert dims.specs("float32") == tensor_specs(model, "float32")
+
+
+def test_a_model_family_the_plan_does_not_know_is_refused_naming_the_way_around():
+    from transformers import LlamaConfig
+
+    with pytest.raises(ValueError, match=r"model_type 'llama'.*realloc.enabled=false"):
+        Qwen2Dims.from_config(LlamaConfig())

@@ -1,4 +1,8 @@
-"""Qwen2 in both namings: the trainer's HF tensors and vLLM's fused, tensor-parallel ones.
+"""Qwen2 and dense Qwen3 in both namings: the trainer's HF tensors and vLLM's fused, tensor-parallel ones.
+
+Qwen3 is Qwen2 without the q/k/v biases (``attention_bias``, false in its configs) and with a per-head
+RMSNorm of queries and keys (``q_norm``, ``k_norm``: [head_dim] each, replicated on every TP rank);
+its ``head_dim`` is set in config.json (128), not ``hidden_size / num_heads``.
 
 The mapping table (per decoder layer i, ``L = model.layers.{i}``; TP rank k of ``tp``; ``hd`` head
 dim, ``Hq``/``Hkv`` query/KV heads, ``I`` MLP width, ``V`` vocab, ``Vp`` = V padded to 64):
@@ -11,6 +15,7 @@ dim, ``Hq``/``Hkv`` query/KV heads, ``I`` MLP width, ``V`` vocab, ``Vp`` = V pad
 | L.mlp.gate_up_proj.weight [2I/tp, H] | gate rows [k*I/tp ..), then up rows [k*I/tp ..)       | column   |
 | L.mlp.down_proj.weight [H, I/tp]     | down_proj columns [k*I/tp ..)                         | row      |
 | L.input_layernorm / post_attention_layernorm, model.norm | whole                       | replicated |
+| L.self_attn.q_norm / k_norm (Qwen3) | whole                                                 | replicated |
 | lm_head.weight (untied only)      | like embed_tokens                                       | vocab    |
 
 KV shard ``s = k // max(1, tp // Hkv)``: when tp > Hkv each KV head is replicated on tp/Hkv ranks
@@ -33,6 +38,9 @@ from areal_like.core.realloc.layout import (
     replicated_destination,
 )
 
+MODEL_TYPES = ("qwen2", "qwen3")
+"""config.json ``model_type`` values the plan maps."""
+
 VLLM_VOCAB_PADDING = 64
 """vLLM's DEFAULT_VOCAB_PADDING_SIZE: embedding and lm_head rows are padded to a multiple of it."""
 
@@ -50,6 +58,10 @@ class Qwen2Dims:
     tie_word_embeddings: bool = True
     head_dim: int | None = None
     """Defaults to hidden_size // num_heads."""
+    attention_bias: bool = True
+    """Biases on the q/k/v projections (Qwen2, Qwen2.5); Qwen3 has none."""
+    qk_norm: bool = False
+    """Per-head RMSNorm of queries and keys (Qwen3's ``q_norm``/``k_norm``)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -77,7 +89,15 @@ class Qwen2Dims:
 
     @classmethod
     def from_config(cls, config) -> Qwen2Dims:
-        """From a transformers ``Qwen2Config`` (or anything with the same attributes)."""
+        """From a transformers ``Qwen2Config`` or ``Qwen3Config`` (``model_type`` picks the family)."""
+        model_type = getattr(config, "model_type", "qwen2")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(
+                f"model_type {model_type!r}: the weight-reallocation plan knows {', '.join(MODEL_TYPES)} "
+                "(Qwen2, Qwen2.5, dense Qwen3); set realloc.enabled=false to send whole state dicts to "
+                "the engines instead"
+            )
+        qwen3 = model_type == "qwen3"
         return cls(
             vocab_size=config.vocab_size,
             hidden_size=config.hidden_size,
@@ -87,23 +107,29 @@ class Qwen2Dims:
             num_kv_heads=config.num_key_value_heads,
             tie_word_embeddings=bool(config.tie_word_embeddings),
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            attention_bias=bool(getattr(config, "attention_bias", False)) if qwen3 else True,
+            qk_norm=qwen3,
         )
 
     def specs(self, dtype: str) -> list[TensorSpec]:
-        """Logical tensors in ``Qwen2ForCausalLM.named_parameters()`` order (tied lm_head omitted)."""
+        """Logical tensors in ``Qwen2ForCausalLM``'s (``Qwen3ForCausalLM``'s) ``named_parameters()``
+        order (tied lm_head omitted)."""
         H, I, hd = self.hidden_size, self.intermediate_size, self.head_size  # noqa: E741
         q, kv = self.num_heads * hd, self.num_kv_heads * hd
         out = [TensorSpec("model.embed_tokens.weight", (self.vocab_size, H), dtype)]
         for i in range(self.num_layers):
             p = f"model.layers.{i}"
+            for name, rows in (("q", q), ("k", kv), ("v", kv)):
+                out.append(TensorSpec(f"{p}.self_attn.{name}_proj.weight", (rows, H), dtype))
+                if self.attention_bias:
+                    out.append(TensorSpec(f"{p}.self_attn.{name}_proj.bias", (rows,), dtype))
+            out.append(TensorSpec(f"{p}.self_attn.o_proj.weight", (H, q), dtype))
+            if self.qk_norm:
+                out += [
+                    TensorSpec(f"{p}.self_attn.q_norm.weight", (hd,), dtype),
+                    TensorSpec(f"{p}.self_attn.k_norm.weight", (hd,), dtype),
+                ]
             out += [
-                TensorSpec(f"{p}.self_attn.q_proj.weight", (q, H), dtype),
-                TensorSpec(f"{p}.self_attn.q_proj.bias", (q,), dtype),
-                TensorSpec(f"{p}.self_attn.k_proj.weight", (kv, H), dtype),
-                TensorSpec(f"{p}.self_attn.k_proj.bias", (kv,), dtype),
-                TensorSpec(f"{p}.self_attn.v_proj.weight", (kv, H), dtype),
-                TensorSpec(f"{p}.self_attn.v_proj.bias", (kv,), dtype),
-                TensorSpec(f"{p}.self_attn.o_proj.weight", (H, q), dtype),
                 TensorSpec(f"{p}.mlp.gate_proj.weight", (I, H), dtype),
                 TensorSpec(f"{p}.mlp.up_proj.weight", (I, H), dtype),
                 TensorSpec(f"{p}.mlp.down_proj.weight", (H, I), dtype),
@@ -165,7 +191,7 @@ def vllm_destination(
         out = [vocab_parallel("model.embed_tokens.weight", "model.embed_tokens.weight", k)]
         for i in range(dims.num_layers):
             p = f"model.layers.{i}"
-            for suffix, cols in (("weight", H), ("bias", 1)):
+            for suffix, cols in (("weight", H), ("bias", 1)) if dims.attention_bias else (("weight", H),):
                 q, kk, v = (f"{p}.self_attn.{n}_proj.{suffix}" for n in "qkv")
                 out.append(
                     EngineTensor(
@@ -179,13 +205,17 @@ def vllm_destination(
                         ),
                     )
                 )
-            out += [
+            out.append(
                 EngineTensor(
                     f"{p}.self_attn.o_proj.weight",
                     (H, o_cols),
                     dtype,
                     (Placement(f"{p}.self_attn.o_proj.weight", Rect(0, H, k * o_cols, (k + 1) * o_cols), 0),),
-                ),
+                )
+            )
+            if dims.qk_norm:
+                out += [_whole(f"{p}.self_attn.{n}_norm.weight", (hd,), dtype) for n in "qk"]
+            out += [
                 EngineTensor(
                     f"{p}.mlp.gate_up_proj.weight",
                     (2 * i_rows, H),
