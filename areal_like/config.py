@@ -21,6 +21,7 @@ from areal_like.core.realloc.config import ReallocConfig
 from areal_like.placement import PlacementConfig
 from areal_like.preflight import PreflightConfig
 from datastore.config import DataStoreConfig
+from rollout.chat import check_template_kwargs
 from rollout.config import RolloutConfig
 from rollout.rewards import RewardPoolConfig
 from trainer.config import TrainConfig
@@ -148,6 +149,9 @@ class TaskConfig:
     system_prompt: str | None = None
     """System message before the user message (needs ``chat_template``); None = none, so the
     template's default applies (Qwen2.5: 'You are Qwen, created by Alibaba Cloud. ...')."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Variables the chat template reads besides the messages, handed to ``apply_chat_template``;
+    e.g. {enable_thinking: false} for Qwen3's template (no thinking block). Needs ``chat_template``."""
     max_prompt_tokens: int | None = None
     """Drop prompts longer than this many tokens (after the templates) from both sets, counted in
     the log; None keeps every prompt."""
@@ -179,6 +183,12 @@ class TaskConfig:
                 f"task.system_prompt={self.system_prompt!r} needs task.chat_template=true (a system "
                 "message exists only in a chat template); set it, or put the text in task.prompt_template"
             )
+        if self.chat_template_kwargs and not self.chat_template:
+            raise ValueError(
+                f"task.chat_template_kwargs={dict(self.chat_template_kwargs)} needs task.chat_template=true "
+                "(they are variables of the chat template)"
+            )
+        check_template_kwargs("task.chat_template_kwargs", self.chat_template_kwargs)
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"task.max_prompt_tokens={self.max_prompt_tokens}: must be >= 1 or null")
         if self.warmup_steps < 0:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from areal_like.config import ConfigError, TaskConfig
 from areal_like.core.types import PromptRecord
@@ -33,10 +33,17 @@ class PromptFormat:
     chat_template: bool = False
     system_prompt: str | None = None
     max_prompt_tokens: int | None = None
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_task(cls, cfg: TaskConfig) -> PromptFormat:
-        return cls(cfg.prompt_template, cfg.chat_template, cfg.system_prompt, cfg.max_prompt_tokens)
+        return cls(
+            cfg.prompt_template,
+            cfg.chat_template,
+            cfg.system_prompt,
+            cfg.max_prompt_tokens,
+            dict(cfg.chat_template_kwargs),
+        )
 
     def render(self, tokenizer: PreTrainedTokenizerBase, text: str) -> str:
         """The prompt text for ``text`` (see the module docstring)."""
@@ -51,7 +58,9 @@ class PromptFormat:
             )
         messages = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
         messages.append({"role": "user", "content": user})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **self.chat_template_kwargs
+        )
 
 
 @dataclass

@@ -19,20 +19,40 @@ Two formats, chosen by the tokenizer:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 _PLACEHOLDER = "\x00assistant-turn\x00"
+SET_BY_THE_RUN = ("conversation", "tools", "tokenize", "add_generation_prompt", "continue_final_message")
+"""``apply_chat_template`` arguments the run sets itself: not template variables a config may give."""
+
+
+def check_template_kwargs(field: str, kwargs: Mapping[str, Any]) -> None:
+    """Refuse chat-template variables that would collide with the arguments the run passes."""
+    taken = sorted(set(kwargs) & set(SET_BY_THE_RUN))
+    if taken:
+        raise ValueError(
+            f"{field}: {', '.join(taken)} set by the run itself (the messages, tools and generation "
+            "prompt); give only the template's own variables, e.g. {enable_thinking: false}"
+        )
 
 
 class ChatFormat:
     """Token ids of prompts and observations for one tokenizer (see the module docstring)."""
 
-    def __init__(self, tokenizer: Any, tool_schemas: list[dict] | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        tool_schemas: list[dict] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
         """``tool_schemas``: JSON schemas handed to the chat template as ``tools`` (ignored by the
-        plain format, whose prompt text must describe the tools itself)."""
+        plain format, whose prompt text must describe the tools itself). ``template_kwargs``: the
+        template's own variables (e.g. Qwen3's ``enable_thinking``)."""
         self.tokenizer = tokenizer
         self.tool_schemas = tool_schemas
+        self.template_kwargs = dict(template_kwargs or {})
         self.uses_template = bool(getattr(tokenizer, "chat_template", None))
 
     def prompt_ids(self, text: str) -> list[int]:
@@ -69,7 +89,9 @@ class ChatFormat:
         return self._encode(end_of_turn + full[len(base) :])
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
-        kwargs = {"tools": self.tool_schemas} if self.tool_schemas else {}
+        kwargs = dict(self.template_kwargs)
+        if self.tool_schemas:
+            kwargs["tools"] = self.tool_schemas
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
         )

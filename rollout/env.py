@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from areal_like.core.imports import import_callable
+from rollout.chat import check_template_kwargs
 
 if TYPE_CHECKING:
     from areal_like.core.types import PromptRecord
@@ -44,6 +45,9 @@ class EpisodeConfig:
     step_timeout_s: float = 30.0
     """Longest one ``reset`` or ``step`` call of the environment (its tools included) may take; past
     it, or when the call raises, the episode ends ('error') and is counted in env errors."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Variables the tokenizer's chat template reads besides the messages, for every turn of an
+    episode (e.g. {enable_thinking: false} for Qwen3); ignored without a chat template."""
 
     @property
     def enabled(self) -> bool:
@@ -61,6 +65,7 @@ class EpisodeConfig:
         for name in ("max_episode_s", "step_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"rollout.episode.{name}={getattr(self, name)}: must be > 0 seconds")
+        check_template_kwargs("rollout.episode.chat_template_kwargs", self.chat_template_kwargs)
 
 
 @dataclass

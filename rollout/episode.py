@@ -152,7 +152,7 @@ class EpisodeRunner:
         factory = resolve_env_factory(config.env)
         self._make_env = lambda: factory(**config.env_args)
         self._make_env()  # fail now, naming the factory, if its arguments are wrong
-        self.chat = ChatFormat(tokenizer)
+        self.chat = ChatFormat(tokenizer, template_kwargs=config.chat_template_kwargs)
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._live: dict[str, _Episode] = {}

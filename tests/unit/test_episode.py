@@ -348,6 +348,12 @@ def test_chat_template_observations_are_the_template_text_between_the_models_eos
     after_eos = "\n<|im_start|>user\n<tool_response>\n2\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
     assert chat.observation_ids(["2"], "tool", after_stop=True) == encode(after_eos)
     assert chat.observation_ids(["2"], "tool", after_stop=False) == encode("<|im_end|>" + after_eos)
+    # the template's own variables reach every rendering (here a marker after the generation prompt)
+    marker = "<|im_start|>assistant\n{% if think is defined %}!{% endif %}{% endif %}"
+    tok.chat_template = QWEN_LIKE_TEMPLATE.replace("<|im_start|>assistant\n{% endif %}", marker)
+    marked = ChatFormat(tok, template_kwargs={"think": True})
+    assert marked.prompt_ids("1") == encode("<|im_start|>user\n1<|im_end|>\n<|im_start|>assistant\n!")
+    assert marked.observation_ids(["2"], "tool", after_stop=True) == encode(after_eos + "!")
     plain = ChatFormat(TOKENIZER)
     assert not plain.uses_template
     assert plain.observation_ids(["2", "3"], "tool", True) == TOKENIZER.encode(

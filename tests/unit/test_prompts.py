@@ -58,6 +58,34 @@ def test_chat_template_wraps_the_user_message_with_the_generation_prompt(qwen):
     assert default_system.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
 
 
+# Qwen3's template closes an empty thinking block in the generation prompt when enable_thinking is false.
+THINKING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+
+
+def test_chat_template_kwargs_reach_the_template(tmp_path):
+    tokenizer = build_qwen_tokenizer()
+    tokenizer.chat_template = THINKING_TEMPLATE
+    fmt = PromptFormat(chat_template=True)
+    user = "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert fmt.render(tokenizer, "2+2?") == user
+    no_thinking = PromptFormat(chat_template=True, chat_template_kwargs={"enable_thinking": False})
+    assert no_thinking.render(tokenizer, "2+2?") == user + "<think>\n\n</think>\n\n"
+    # from the run config
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"question": "2+2?", "answer": "#### 4"}) + "\n")
+    overrides = [f"task.train_path={path}", f"task.eval_path={path}", "task.chat_template=true"]
+    overrides += ["task.chat_template_kwargs.enable_thinking=false", "run.dir=/tmp/r"]
+    config = load_config("configs/gsm8k_cpu.yaml", overrides)
+    assert PromptFormat.from_task(config.task) == PromptFormat(
+        "{question}", True, "Solve the problem.", 96, {"enable_thinking": False}
+    )
+
+
 def test_tokenized_prompts_carry_the_text_sent_and_its_ids(qwen, qwen_dir):
     fmt = PromptFormat(chat_template=True, system_prompt="Solve.")
     sets = tokenize_prompts(PromptRecords(_records("1+1?"), _records("2+2?"), "m:f", fmt), qwen_dir)
@@ -121,6 +149,11 @@ def test_encode_checked_accepts_text_that_only_nfc_changes(qwen):
         (["task.prompt_template=Solve this"], r"task.prompt_template='Solve this' has no '\{question\}'"),
         (["task.system_prompt=Be brief."], "task.system_prompt='Be brief.' needs task.chat_template=true"),
         (["task.max_prompt_tokens=0"], "task.max_prompt_tokens=0"),
+        (["task.chat_template_kwargs.enable_thinking=false"], "needs task.chat_template=true"),
+        (
+            ["task.chat_template=true", "task.chat_template_kwargs.add_generation_prompt=false"],
+            "task.chat_template_kwargs: add_generation_prompt set by the run itself",
+        ),
     ],
 )
 def test_prompt_fields_are_validated(overrides, message):
