@@ -17,18 +17,16 @@ import time
 import torch
 
 from benchmarks import emit
-from benchmarks._models import SHAPES
+from benchmarks._models import dims
 
 
 def shapes(shape: str) -> list[tuple[int, int]]:
-    s = SHAPES[shape]
-    h, inter, v = s["hidden_size"], s["intermediate_size"], s["vocab_size"]
-    hd = h // s["num_attention_heads"]
-    q, kv = s["num_attention_heads"] * hd, s["num_key_value_heads"] * hd
-    layer = [(q, h), (q, 1), (kv, h), (kv, 1), (kv, h), (kv, 1), (h, q), (inter, h), (inter, h), (h, inter)]
-    layer += [(h, 1), (h, 1)]
-    out = [(v, h)] + layer * s["num_hidden_layers"] + [(h, 1)]
-    return out if s["tie_word_embeddings"] else out + [(v, h)]
+    """(rows, cols) of every tensor of ``shape`` as the trainer holds it (1-D tensors as (n, 1))."""
+    out = []
+    for spec in dims(shape).specs("bfloat16"):
+        rows, cols = (spec.shape[0], spec.shape[1]) if len(spec.shape) == 2 else (spec.shape[0], 1)
+        out.append((rows, cols))
+    return out
 
 
 def pieces(rows_cols: list[tuple[int, int]], bucket_bytes: int) -> list[list[tuple[int, int, int]]]:
@@ -61,22 +59,22 @@ def timed(fn, repeats: int = 5) -> float:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="areal-like bench device_copy", description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="7b")
+    parser.add_argument("--shape", default="7b", help="model shape (benchmarks/_models.py), e.g. qwen3-1.7b")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench device_copy needs a CUDA GPU")
     shape = args.shape
-    dims = shapes(shape)
-    srcs = [torch.randn(r, c, device="cuda", dtype=torch.bfloat16) for r, c in dims]
+    tensors = shapes(shape)
+    srcs = [torch.randn(r, c, device="cuda", dtype=torch.bfloat16) for r, c in tensors]
     total = sum(t.numel() for t in srcs)
     arena = torch.empty(total, device="cuda", dtype=torch.bfloat16)
     dst_tensors, off = [], 0
-    for r, c in dims:
+    for r, c in tensors:
         dst_tensors.append(arena[off : off + r * c].view(r, c))
         off += r * c
     groups = []
-    for bucket in pieces(dims, 256 << 20):
+    for bucket in pieces(tensors, 256 << 20):
         dsts = [dst_tensors[t][r0 : r0 + n] for t, r0, n in bucket]
         groups.append((dsts, [srcs[t][r0 : r0 + n] for t, r0, n in bucket]))
     flat_src = torch.empty_like(arena)

@@ -84,14 +84,14 @@ def main(argv: list[str]) -> int:
     import torch
 
     from benchmarks._cpu_usage import RunCPU, measured, top_functions
-    from benchmarks._models import SHAPES, random_qwen2
+    from benchmarks._models import random_model, vocab_size
     from rollout import vllm_adapter as adapter
     from rollout.config import VLLMConfig
     from rollout.engine import SamplingParams
 
     longest = args.prompt_len + max(cap for _, _, cap in mixes) + 8
-    model_dir = random_qwen2(args.shape, args.model_dir or tempfile.mkdtemp(), longest)
-    vocab = SHAPES[args.shape]["vocab_size"]
+    model_dir = random_model(args.shape, args.model_dir or tempfile.mkdtemp(), longest)
+    vocab = vocab_size(args.shape)
     workloads = []
     for i, (requests, median, cap) in enumerate(mixes):
         rng = np.random.default_rng(args.seed + 100 * i)

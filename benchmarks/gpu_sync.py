@@ -34,7 +34,7 @@ BUCKET_MB = 256
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="areal-like bench gpu_sync", description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="1.5b")
+    parser.add_argument("--shape", default="1.5b", help="see benchmarks/_models.py, e.g. 7b")
     parser.add_argument("--placement", choices=["colocated", "split"], default="colocated")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--gpu-mem", type=float, default=0.45, help="vLLM gpu_memory_utilization")
@@ -45,9 +45,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
-    from benchmarks._models import random_qwen2
+    from benchmarks._models import random_model
 
-    model_dir = random_qwen2(args.shape, args.model_dir or tempfile.mkdtemp(), 4096)
+    model_dir = random_model(args.shape, args.model_dir or tempfile.mkdtemp(), 4096)
     if args.placement == "colocated":
         result = _colocated(args, model_dir)
     else:

@@ -173,7 +173,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per layout (best is kept)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shape", default=None, help="realistic shape from bench/_models.py (e.g. 1.5b)")
+    parser.add_argument("--shape", default=None, help="benchmarks/_models.py, e.g. 1.5b")
     parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
     parser.add_argument("--no-flex", action="store_true", help="skip the flex-attention layout (GPU)")
     parser.add_argument(
@@ -201,9 +201,9 @@ def main(argv: list[str]) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with tempfile.TemporaryDirectory() as tmp:
         if args.shape:
-            from benchmarks._models import random_qwen2
+            from benchmarks._models import random_model
 
-            path = random_qwen2(args.shape, f"{tmp}/model", 2048)
+            path = random_model(args.shape, f"{tmp}/model", 2048)
         else:
             build = ModelBuildConfig(
                 hidden_size=args.hidden,

@@ -212,9 +212,16 @@ def make_tokenizer(cfg: ModelBuildConfig) -> PreTrainedTokenizerFast:
 def model_config(cfg: ModelBuildConfig, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
     """The Qwen2Config (Qwen3Config) of ``cfg`` with ``tokenizer``'s special-token ids (bos falls back
     to pad: Qwen2.5's tokenizer has no bos token, its config.json names <|endoftext|>)."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id
+    return hf_model_config(cfg, bos, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def hf_model_config(
+    cfg: ModelBuildConfig, bos: int | None, eos: int | None, pad: int | None
+) -> PretrainedConfig:
+    """The Qwen2Config (Qwen3Config) of ``cfg`` with these special-token ids."""
     from transformers import Qwen2Config, Qwen3Config
 
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id
     config_class = Qwen3Config if cfg.architecture == "qwen3" else Qwen2Config
     head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads  # Qwen3Config's default is 128
     extra = {"head_dim": head_dim} if cfg.architecture == "qwen3" or cfg.head_dim else {}
@@ -230,8 +237,8 @@ def model_config(cfg: ModelBuildConfig, tokenizer: PreTrainedTokenizerBase) -> P
         tie_word_embeddings=cfg.tie_word_embeddings,
         use_sliding_window=False,
         bos_token_id=bos,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos,
+        pad_token_id=pad,
         dtype="float32",
         **extra,
     )
