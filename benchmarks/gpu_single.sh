@@ -2,7 +2,9 @@
 # The one-GPU benchmarks of docs/benchmarks.md, in one go on the GPU machine (after staging the stack,
 # see ../shared/gpu/README.md): flex-attention packing test, rollout overhead, colocated weight sync
 # (1.5B, 7B), trainer MFU and memory, 20 colocated GSM8K steps at 1.5B, the GSM8K CPU recipe (SFT then
-# GRPO) learning on the GPU (`learn`, not in the default list). WHAT picks and orders them.
+# GRPO) learning on the GPU (`learn`). Not in the default list either: `short` (the two short rollout
+# mixes, 3 repeats, the client's CPU and profile), `sync_qwen3` (a Qwen3-1.7B swap), `runs` (whole
+# colocated runs, Qwen3 included). WHAT picks and orders them.
 # Each writes its JSON line into ${OUT:-benchmarks/results/tmp}/<name>.json (with JSONL=1: all of
 # them into bench.jsonl, and vLLM's start-up lines into startup.log, for the 8-file limit of $OUT).
 set -uo pipefail
@@ -32,6 +34,9 @@ for what in ${WHAT:-flex vllm mixes mixes_eager sync15 sync7 trainer gsm8k20}; d
     mixes_eager) run gpu_rollout_mixes_eager gpu_rollout $r15 --mixes 256:256:1024,1024:256:1024 --eager ;;
     sync15)  run gpu_sync_colocated_1.5b gpu_sync --shape 1.5b --placement colocated --verify --model-dir "$models/1.5b" ;;
     copy)    run device_copy_7b device_copy --shape 7b ;;
+    sync_qwen3) run gpu_sync_colocated_qwen3-1.7b gpu_sync --shape qwen3-1.7b --placement colocated --verify \
+               --model-dir "$models/qwen3-1.7b" ;;
+    runs)    timeout 600 python -m pytest -q -m gpu tests/gpu/test_gpu_runs.py -p no:cacheprovider 2>&1 | tail -5 ;;
     sync7)   run gpu_sync_colocated_7b gpu_sync --shape 7b --placement colocated --gpu-mem 0.3 --verify --model-dir "$models/7b" ;;
     trainer) run trainer_1.5b trainer --shape 1.5b --grad-ckpt --num-seqs 256 --budget 16384 --fixed-size 8 --repeats 2 \
                --logprobs chunked,full ;;
