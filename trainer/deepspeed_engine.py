@@ -202,6 +202,20 @@ def load_engine_checkpoint(engine, directory: str, tag: str, universal: bool = F
         engine._config.load_universal_checkpoint = saved
 
 
+def skip_the_shared_memory_op() -> None:
+    """Keep DeepSpeed from JIT-building its CPU shared-memory all-reduce op at ``init_distributed``.
+
+    DeepSpeed builds ``deepspeed_shm_comm`` whenever its accelerator is the CPU (23.5-24.1 s on the
+    2-core machine, at the first start after each install), but only ``inference_all_reduce`` (DeepSpeed
+    inference) uses it: training all-reduces go through torch.distributed (gloo here). Skipping it also
+    removes the build lock that a run killed during the build would leave behind. DeepSpeed reads its
+    op table ``deepspeed.ops.__compatible_ops__`` from the module and keeps edits to it.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 STALE_BUILD_LOCK_S = 600.0
 """A DeepSpeed JIT-build lock older than this is left over from a killed build (a real one takes ~1 min)."""
 
@@ -239,6 +253,7 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
     import deepspeed
 
     clear_stale_build_locks()
+    skip_the_shared_memory_op()
 
     os.environ.update(
         MASTER_ADDR=master_addr,

@@ -75,3 +75,25 @@ def test_stale_deepspeed_build_locks_are_removed_and_fresh_ones_kept(tmp_path, m
     os.utime(stale, (old, old))
     assert clear_stale_build_locks(max_age_s=600) == [str(stale)]
     assert not stale.exists() and fresh.exists()  # a build may be running: leave it
+
+
+def test_joining_the_trainer_group_on_cpu_builds_no_deepspeed_op(tmp_path):
+    # DeepSpeed would JIT-build its shared-memory all-reduce op (~24 s here) into TORCH_EXTENSIONS_DIR;
+    # the trainer never uses it. One rank joins the group in a fresh process and all-reduces.
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, torch.distributed as dist\n"
+        "from areal_like.core.net import free_port\n"
+        "from trainer.deepspeed_engine import init_distributed\n"
+        "init_distributed(0, 1, '127.0.0.1', free_port(), 60)\n"
+        "x = torch.ones(2); dist.all_reduce(x); print('sum', x.tolist())\n"
+    )
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "sum [1.0, 1.0]" in done.stdout
+    assert not any("shm_comm" in path for path, _, _ in os.walk(tmp_path)), list(os.walk(tmp_path))
