@@ -2,7 +2,7 @@
 
 ``areal-like bench device_copy [--shape 7b]``
 
-The model's tensors (Qwen2 shapes of bench/_models.py, bf16) are cut into pieces packed into 256 MiB
+The model's tensors (the shapes of benchmarks/_models.py, bf16) are cut into pieces packed into 256 MiB
 buckets as a reallocation plan does, then copied into one arena three ways: one
 ``torch._foreach_copy_`` per bucket, one ``copy_`` per piece, and mixed (``copy_`` for pieces of
 1 MiB and more, ``_foreach_copy_`` for the rest: what ``realloc.pack.CopyList`` does), against the
