@@ -9,7 +9,8 @@ Use: ``task.reward_fn=areal_like.tasks.gsm8k:gsm8k_reward`` with prompt files in
 3. else its last plain number (``-1,234.5`` style).
 The two answers are compared by math-verify (``72``, ``72.0`` and ``\\frac{144}{2}`` are equal;
 thousands separators are dropped). A response with no answer scores 0; a ground truth with none
-raises ValueError (a data error the reward pool counts as status 'error').
+raises ValueError (a data error the reward pool counts as status 'error'). Of a reasoning model's
+response only the text after ``</think>`` counts (``math_reward.answer_part``).
 
 Runs inside ``RewardPool`` worker processes: no torch, and math-verify's own signal-based timeouts
 off (the pool's per-call timer bounds the call), as in ``math_reward``.
@@ -21,6 +22,8 @@ import logging
 import re
 
 from math_verify import parse, verify
+
+from areal_like.tasks.math_reward import answer_part
 
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 
@@ -34,7 +37,7 @@ def gsm8k_reward(response: str, answer: str) -> float:
     gold_parsed = parse(f"${gold}$", parsing_timeout=None) if gold is not None else []
     if not gold_parsed:
         raise ValueError(f"ground truth {answer[-80:]!r} has no parsable final answer")
-    predicted = extract_answer(response)
+    predicted = extract_answer(answer_part(response))
     if predicted is None:
         return 0.0
     predicted_parsed = parse(f"${predicted}$", parsing_timeout=None)

@@ -66,6 +66,19 @@ def test_wrong_or_missing_final_answers_score_zero(response, answer):
     assert gsm8k_reward(response, answer) == 0.0
 
 
+@pytest.mark.parametrize(
+    ("response", "score"),
+    [
+        ("<think>\n5 + 3 makes 8, or is it 9?\n</think>\n\nThe answer is 8.", 1.0),
+        ("<think>\n#### 8\n</think>\n\nThe answer is 9.", 0.0),  # only the answer after thinking counts
+        ("<think>\n5 + 3 = 8, so the answer is 8", 0.0),  # cut off while thinking: no answer
+        ("5 + 3 = 8</think>\n\n\\boxed{8}", 1.0),  # the template opened the thinking block
+    ],
+)
+def test_a_reasoning_models_answer_is_read_after_its_thinking(response, score):
+    assert gsm8k_reward(response, "5 + 3 = 8\n#### 8") == score
+
+
 def test_a_ground_truth_without_an_answer_is_a_data_error():
     with pytest.raises(ValueError, match="no parsable final answer"):
         gsm8k_reward("7", "the solution is missing")

@@ -34,6 +34,12 @@ def test_wrong_or_missing_answers_score_zero(response, answer):
     assert math_reward(response, answer) == 0.0
 
 
+def test_a_reasoning_models_answer_is_read_after_its_thinking():
+    assert math_reward("<think>maybe \\boxed{3}?</think> So \\boxed{\\frac{1}{2}}", "0.5") == 1.0
+    assert math_reward("<think>It is \\boxed{\\frac{1}{2}}</think> It is 3.", "0.5") == 0.0
+    assert math_reward("<think>It is \\boxed{\\frac{1}{2}}", "0.5") == 0.0  # cut off while thinking
+
+
 def test_a_ground_truth_without_an_answer_is_an_error_not_a_wrong_response():
     with pytest.raises(ValueError, match="no parsable answer"):
         math_reward("42", "")
