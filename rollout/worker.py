@@ -12,9 +12,9 @@ Loops and threads (the actor is threaded, ``max_concurrency`` > 1):
   3. collect groups whose requests have all finished, score them in the reward pool (worker
      processes, off the engine thread: decoding goes on meanwhile. While the reward function
      hangs a score call costs about one timeout whatever its size, so groups that finish during a
-     call that went concurrent join it), drop the groups whose rewards
-     are all equal when ``dynamic_sampling`` is on, ``put`` the rest into the datastore and
-     ``finish`` all of them at the dispatcher (dropped ones as rejected, so the gate refills them).
+     call that went concurrent join it), drop the groups whose rewards are all equal when
+     ``dynamic_sampling`` is on, ``put`` the rest into the datastore and ``finish`` all of them at
+     the dispatcher (dropped ones as rejected, so the gate refills them).
   It never waits for training.
 - calls from the controller on other threads: ``update_weights`` hands new weights to the engine,
   which swaps them at the next token boundary (interruptible generation) and returns when loaded;
