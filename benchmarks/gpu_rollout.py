@@ -15,10 +15,14 @@ delta the client handles), each on a fresh engine; ``ours_over_raw`` is that of 
 engines (one start each; ``max_num_seqs`` and ``max_model_len`` fit the largest). ``--repeats N``
 runs every workload N times on each engine; ratios are of the median seconds. Every run records the
 CPU seconds of the client (raw: the calling thread, which runs ``LLM.generate``'s loop; ours: the
-AsyncLLM client's thread plus the submitting thread) and of the engine-core process, each also as a
-share of the wall time: a client near 1.0 is the bottleneck. ``--profile`` adds one profiled run of
-ours per workload (not timed) and reports the client's heaviest functions (cProfile; Python >= 3.12
-profiles every thread of the process, older versions the client's thread).
+AsyncLLM client's thread plus the submitting thread; the offline engine's output thread is not
+counted, so raw's figure is low) and of the engine-core processes, each also as a share of the wall
+time: a client near 1.0 is the bottleneck. ``--together`` keeps both engines up at once (each with
+``--gpu-mem``) and alternates their runs, so that a machine whose speed drifts between runs (seen:
+the same raw batch in 13.9 s and 20.7 s) slows both alike; ``over_raw_each`` pairs the runs.
+``--profile`` adds one profiled run of ours per workload (not timed) and reports the client's
+heaviest functions (cProfile; Python >= 3.12 profiles every thread of the process, older versions
+the client's thread).
 GPU only. Last line: JSON with ``ours_over_raw`` per mix and ``ours_over_raw_min`` (target >= 0.97).
 """
 
@@ -67,7 +71,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--stream-intervals", default="16", help="comma-separated; ours runs once per value")
     parser.add_argument("--repeats", type=int, default=1, help="runs of every workload on each engine")
     parser.add_argument("--profile", action="store_true", help="one extra profiled run of ours per workload")
-    parser.add_argument("--gpu-mem", type=float, default=0.85)
+    parser.add_argument(
+        "--together", action="store_true",
+        help="both engines up at once (each --gpu-mem), runs alternating; the last stream interval only",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gpu-mem", type=float, default=0.85, help="each engine's share (--together: <= 0.45)"
+    )
     parser.add_argument("--model-dir", default=None, help="reuse/keep the random model here")
     parser.add_argument("--out", default=None, help="also write the JSON result to this file")
     parser.add_argument("--seed", type=int, default=0)
@@ -76,6 +86,10 @@ def main(argv: list[str]) -> int:
     intervals = [int(v) for v in args.stream_intervals.split(",")]
     if args.repeats < 1:
         raise SystemExit(f"--repeats {args.repeats}: at least 1")
+    if args.together and (len(intervals) > 1 or args.gpu_mem > 0.45):
+        raise SystemExit(
+            "--together: one --stream-intervals value and --gpu-mem <= 0.45 (two engines share the GPU)"
+        )
 
     import cProfile
     import statistics
@@ -106,38 +120,36 @@ def main(argv: list[str]) -> int:
         enable_prefix_caching=False,
     )
 
-    # Raw vLLM: the offline engine, each whole batch at once.
-    start = time.perf_counter()
-    llm = adapter.start_offline_llm(model_dir, config, max_num_seqs=max_seqs, seed=args.seed)
-    raw_start_s = time.perf_counter() - start
-    warm = [adapter.sampling_params(SamplingParams(max_new_tokens=8, temperature=1.0), stream=False)] * 8
-    adapter.offline_generate(llm, workloads[0][0][:8], warm)  # warm-up
-    raw_runs: list[list[RunCPU]] = [[] for _ in workloads]
-    for _ in range(args.repeats):
-        for i, (prompts, lengths) in enumerate(workloads):
-            sampled = [SamplingParams(max_new_tokens=n, temperature=1.0) for n in lengths]
-            params = [
-                adapter.sampling_params(p, seed=args.seed + j, stream=False) for j, p in enumerate(sampled)
-            ]
-            raw, run = measured(partial(adapter.offline_generate, llm, prompts, params), time.thread_time)
-            raw_runs[i].append(run)
-            assert sum(len(d.token_ids) for d in raw) == sum(lengths)
-            rate, busy = sum(lengths) / run.seconds, run.client_cpu_s / run.seconds
-            print(f"  raw, {len(prompts)} requests: {rate:.0f} tok/s (client busy {busy:.2f})", flush=True)
-    adapter.shutdown_offline(llm)
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
-
-    # Ours: the rollout engine (AsyncLLM client, streamed deltas, versions, handles).
     from dataclasses import replace
 
     from rollout.vllm_engine import VLLMEngine
 
-    ours_runs: dict[int, list[list[RunCPU]]] = {}
-    ours_start: dict[int, dict] = {}
-    profiles: list[list[dict]] = []
-    for interval in intervals:
+    def sampled(lengths: list[int]) -> list[SamplingParams]:
+        return [SamplingParams(max_new_tokens=n, temperature=1.0) for n in lengths]
+
+    def start_raw() -> tuple[object, float]:
+        """Raw vLLM: the offline engine, each whole batch at once."""
+        start = time.perf_counter()
+        llm = adapter.start_offline_llm(model_dir, config, max_num_seqs=max_seqs, seed=args.seed)
+        seconds = time.perf_counter() - start
+        warm = [adapter.sampling_params(SamplingParams(max_new_tokens=8, temperature=1.0), stream=False)] * 8
+        adapter.offline_generate(llm, workloads[0][0][:8], warm)
+        return llm, seconds
+
+    def run_raw(llm: object, i: int) -> RunCPU:
+        prompts, lengths = workloads[i]
+        params = [
+            adapter.sampling_params(p, seed=args.seed + j, stream=False)
+            for j, p in enumerate(sampled(lengths))
+        ]
+        raw, run = measured(partial(adapter.offline_generate, llm, prompts, params), time.thread_time)
+        assert sum(len(d.token_ids) for d in raw) == sum(lengths)
+        rate, busy = sum(lengths) / run.seconds, run.client_cpu_s / run.seconds
+        print(f"  raw, {len(prompts)} requests: {rate:.0f} tok/s (client busy {busy:.2f})", flush=True)
+        return run
+
+    def start_ours(interval: int) -> VLLMEngine:
+        """Ours: the rollout engine (AsyncLLM client, streamed deltas, versions, handles)."""
         start = time.perf_counter()
         engine = VLLMEngine(
             model_dir, replace(config, stream_interval=interval), max_batch_size=max_seqs, seed=args.seed
@@ -148,35 +160,74 @@ def main(argv: list[str]) -> int:
             warmup_s=round(engine.warmup_seconds, 2),
         )
         engine.generate(workloads[0][0][:8], SamplingParams(max_new_tokens=8, temperature=1.0), timeout_s=600)
+        return engine
 
-        def client_cpu(engine=engine) -> float:
+    def run_ours(engine: VLLMEngine, interval: int, i: int) -> RunCPU:
+        prompts, lengths = workloads[i]
+
+        def client_cpu() -> float:
             return engine.on_client_thread(time.thread_time) + time.thread_time()
 
-        ours_runs[interval] = [[] for _ in workloads]
-        for _ in range(args.repeats):
-            for i, (prompts, lengths) in enumerate(workloads):
-                params = [SamplingParams(max_new_tokens=n, temperature=1.0) for n in lengths]
-                outs, run = measured(partial(engine.generate, prompts, params, timeout_s=3600), client_cpu)
-                ours_runs[interval][i].append(run)
-                tokens = sum(len(o.response_ids) for o in outs)
-                assert tokens == sum(lengths), (tokens, sum(lengths))
-                rate, busy = tokens / run.seconds, run.client_cpu_s / run.seconds
-                print(
-                    f"  ours, stream_interval {interval}, {len(prompts)} requests: {rate:.0f} tok/s "
-                    f"(client busy {busy:.2f})",
-                    flush=True,
-                )
-        if args.profile and interval == intervals[-1]:
-            for prompts, lengths in workloads:
-                params = [SamplingParams(max_new_tokens=n, temperature=1.0) for n in lengths]
-                profile = cProfile.Profile()
-                engine.on_client_thread(profile.enable)
-                engine.generate(prompts, params, timeout_s=3600)
-                engine.on_client_thread(profile.disable)
-                profiles.append(top_functions(profile, 25))
+        outs, run = measured(partial(engine.generate, prompts, sampled(lengths), timeout_s=3600), client_cpu)
+        tokens = sum(len(o.response_ids) for o in outs)
+        assert tokens == sum(lengths), (tokens, sum(lengths))
+        rate, busy = tokens / run.seconds, run.client_cpu_s / run.seconds
+        print(
+            f"  ours, stream_interval {interval}, {len(prompts)} requests: {rate:.0f} tok/s "
+            f"(client busy {busy:.2f})",
+            flush=True,
+        )
+        return run
+
+    def profile_ours(engine: VLLMEngine) -> None:
+        for _, lengths in workloads:
+            profile = cProfile.Profile()
+            engine.on_client_thread(profile.enable)
+            engine.generate(workloads[len(profiles)][0], sampled(lengths), timeout_s=3600)
+            engine.on_client_thread(profile.disable)
+            profiles.append(top_functions(profile, 25))
+
+    raw_runs: list[list[RunCPU]] = [[] for _ in workloads]
+    ours_runs: dict[int, list[list[RunCPU]]] = {v: [[] for _ in workloads] for v in intervals}
+    ours_start: dict[int, dict] = {}
+    profiles: list[list[dict]] = []
+    if args.together:
+        # Both engines up at once, runs alternating (raw first on even repeats, ours first on odd):
+        # a machine that drifts slows both alike.
+        interval = intervals[-1]
+        llm, raw_start_s = start_raw()
+        engine = start_ours(interval)
+        for rep in range(args.repeats):
+            for i in range(len(workloads)):
+                if rep % 2 == 0:
+                    raw_runs[i].append(run_raw(llm, i))
+                    ours_runs[interval][i].append(run_ours(engine, interval, i))
+                else:
+                    ours_runs[interval][i].append(run_ours(engine, interval, i))
+                    raw_runs[i].append(run_raw(llm, i))
+        if args.profile:
+            profile_ours(engine)
         engine.close()
-        del engine
+        adapter.shutdown_offline(llm)
+    else:
+        llm, raw_start_s = start_raw()
+        for _ in range(args.repeats):
+            for i in range(len(workloads)):
+                raw_runs[i].append(run_raw(llm, i))
+        adapter.shutdown_offline(llm)
+        del llm
         gc.collect()
+        torch.cuda.empty_cache()
+        for interval in intervals:
+            engine = start_ours(interval)
+            for _ in range(args.repeats):
+                for i in range(len(workloads)):
+                    ours_runs[interval][i].append(run_ours(engine, interval, i))
+            if args.profile and interval == intervals[-1]:
+                profile_ours(engine)
+            engine.close()
+            del engine
+            gc.collect()
 
     def median_s(runs: list[RunCPU]) -> float:
         return statistics.median(r.seconds for r in runs)
@@ -219,6 +270,7 @@ def main(argv: list[str]) -> int:
         "enforce_eager": args.eager,
         "max_num_seqs": max_seqs,
         "repeats": args.repeats,
+        "together": args.together,
         "python": sys.version.split()[0],
         "raw_start_s": round(raw_start_s, 1),
         "ours_start": ours_start,

@@ -3,7 +3,7 @@
 # see ../shared/gpu/README.md): flex-attention packing test, rollout overhead, colocated weight sync
 # (1.5B, 7B), trainer MFU and memory, 20 colocated GSM8K steps at 1.5B, the GSM8K CPU recipe (SFT then
 # GRPO) learning on the GPU (`learn`). Not in the default list either: `short` (the two short rollout
-# mixes, 3 repeats, the client's CPU and profile), `sync_qwen3` (a Qwen3-1.7B swap), `runs` (whole
+# mixes, both engines up at once and 4 alternating repeats, the client's CPU and profile), `sync_qwen3` (a Qwen3-1.7B swap), `runs` (whole
 # colocated runs, Qwen3 included). WHAT picks and orders them.
 # Each writes its JSON line into ${OUT:-benchmarks/results/tmp}/<name>.json (with JSONL=1: all of
 # them into bench.jsonl, and vLLM's start-up lines into startup.log, for the 8-file limit of $OUT).
@@ -30,7 +30,8 @@ for what in ${WHAT:-flex vllm mixes mixes_eager sync15 sync7 trainer gsm8k20}; d
     rollout) run gpu_rollout_256 gpu_rollout $r15 --requests 256 --median 256 --cap 1024 --stream-intervals 1,16 ;;
     rollout_eager) run gpu_rollout_256_eager gpu_rollout $r15 --requests 256 --median 256 --cap 1024 --eager ;;
     mixes)   run gpu_rollout_mixes gpu_rollout $r15 --mixes 256:256:1024,1024:256:1024,256:1024:8192,1024:1024:8192 ;;
-    short)   run gpu_rollout_short gpu_rollout $r15 --mixes 256:256:1024,1024:256:1024 --repeats 3 --profile ;;
+    short)   run gpu_rollout_short gpu_rollout $r15 --mixes 256:256:1024,1024:256:1024 --repeats 4 --profile \
+               --together --gpu-mem 0.42 ;;
     mixes_eager) run gpu_rollout_mixes_eager gpu_rollout $r15 --mixes 256:256:1024,1024:256:1024 --eager ;;
     sync15)  run gpu_sync_colocated_1.5b gpu_sync --shape 1.5b --placement colocated --verify --model-dir "$models/1.5b" ;;
     copy)    run device_copy_7b device_copy --shape 7b ;;

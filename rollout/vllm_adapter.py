@@ -8,10 +8,15 @@ extension (rollout/vllm_extension.py) and the benchmarks call these functions an
   ``logprobs_mode='processed_logprobs'`` (log-probs of the distribution actually sampled, after
   temperature); ``worker_extension_cls`` mixes our class into vLLM's GPU worker so
   ``collective_rpc('areal_...')`` reaches it; ``enable_sleep_mode`` for colocated placement.
-- ``AsyncLLM.generate(TokensPrompt, SamplingParams(output_kind=DELTA, logprobs=0), request_id)``: an
-  async iterator of ``RequestOutput`` whose ``outputs[0]`` holds the new token ids and, per position,
-  a mapping ``{token_id: Logprob}`` that includes the sampled token; ``finish_reason`` is 'stop',
-  'length' or 'abort' on the last one.
+- ``AsyncLLM.generate(TokensPrompt, SamplingParams(output_kind=DELTA, logprobs=0, flat_logprobs=True),
+  request_id)``: an async iterator of ``RequestOutput`` whose ``outputs[0]`` holds the new token ids
+  and a ``FlatLogprobs`` whose ``token_ids``/``logprobs`` lists hold, with ``logprobs=0``, one entry
+  per position: the sampled token and its log-prob (no ``Logprob`` object and dict per token);
+  ``finish_reason`` is 'stop', 'length' or 'abort' on the last one. ``skip_clone`` spares the
+  deep copy vLLM otherwise makes of every request's parameters.
+- ``disable_log_stats=True`` (the offline ``LLM``'s default, not ``AsyncLLM``'s): no per-token
+  Prometheus histograms and stats in the client, no per-request events in the engine core; the
+  client's CPU bounds decoding with CUDA graphs (docs/benchmarks.md).
 - ``stream_interval``: DELTA outputs every that many tokens (and the first and last), which divides
   the client's per-token work (one ``RequestOutput`` and one task wake-up per delta).
 - ``engine_core.call_utility_async(name, *args)`` runs ``EngineCore.<name>`` on the engine-core
@@ -94,6 +99,7 @@ def engine_kwargs(model_path: str, config: VLLMConfig, max_num_seqs: int, seed: 
         enable_sleep_mode=config.enable_sleep_mode,
         tensor_parallel_size=1,
         stream_interval=config.stream_interval,
+        disable_log_stats=True,
     )
     if config.max_model_len is not None:
         kwargs["max_model_len"] = config.max_model_len
@@ -135,6 +141,8 @@ def sampling_params(params: SamplingParams, seed: int | None = None, stream: boo
         top_p=params.top_p,
         seed=seed,
         logprobs=0,
+        flat_logprobs=True,
+        skip_clone=True,
         stop_token_ids=stop or None,
         ignore_eos=not stop,
         detokenize=False,
@@ -159,16 +167,28 @@ class Delta:
 
 
 def parse_output(output: Any) -> Delta:
-    """The new tokens of a ``RequestOutput`` (DELTA kind) with the sampled tokens' log-probs."""
+    """The new tokens of a ``RequestOutput`` (DELTA kind) with the sampled tokens' log-probs: from
+    the flat lists of a ``FlatLogprobs`` (one entry per position with ``logprobs=0``), or from the
+    per-position ``{token_id: Logprob}`` mappings of the default container."""
     completion = output.outputs[0]
-    token_ids = [int(t) for t in completion.token_ids]
+    token_ids = list(completion.token_ids)
     positions = completion.logprobs
-    if token_ids and (positions is None or len(positions) != len(token_ids)):
-        raise RuntimeError(
-            f"vLLM returned {len(token_ids)} tokens but "
-            f"{0 if positions is None else len(positions)} log-prob positions (request {output.request_id})"
-        )
-    logprobs = [float(positions[i][tok].logprob) for i, tok in enumerate(token_ids)]
+    flat = getattr(positions, "logprobs", None)
+    if flat is not None:
+        if positions.token_ids != token_ids:
+            raise RuntimeError(
+                f"vLLM returned tokens {token_ids[:8]}... ({len(token_ids)}) but log-probs for "
+                f"{positions.token_ids[:8]}... ({len(positions.token_ids)}) (request {output.request_id})"
+            )
+        logprobs = list(flat)
+    else:
+        if token_ids and (positions is None or len(positions) != len(token_ids)):
+            count = 0 if positions is None else len(positions)
+            raise RuntimeError(
+                f"vLLM returned {len(token_ids)} tokens but {count} log-prob positions "
+                f"(request {output.request_id})"
+            )
+        logprobs = [float(positions[i][tok].logprob) for i, tok in enumerate(token_ids)]
     reason = completion.finish_reason if output.finished else None
     return Delta(token_ids, logprobs, None if reason is None else str(reason))
 
