@@ -190,3 +190,39 @@ def test_each_engine_kind_names_the_layout_and_dtype_the_plan_writes_into():
         assert layout.naming == naming and layout.num_ranks == 2
         assert ("model.layers.0.self_attn.qkv_proj.weight" in names) == fused
         assert {t.dtype for t in layout.ranks[1]} == {engine.weights_dtype}
+
+
+def _request_output(token_ids, logprobs, finished=False):
+    from types import SimpleNamespace
+
+    completion = SimpleNamespace(token_ids=token_ids, logprobs=logprobs, finish_reason="length")
+    return SimpleNamespace(outputs=[completion], finished=finished, request_id="r-1")
+
+
+def test_output_log_probs_are_read_from_vllm_flat_lists_and_from_per_position_mappings():
+    """``parse_output`` takes the sampled tokens' log-probs from a ``FlatLogprobs`` (what our
+    params ask for: one entry per position) and from the default ``[{token: Logprob}]`` container,
+    and refuses log-probs that are not those of the returned tokens."""
+    from types import SimpleNamespace
+
+    from rollout.vllm_adapter import parse_output
+
+    flat = SimpleNamespace(token_ids=[7, 3, 9], logprobs=[-0.5, -1.25, -2.0])
+    delta = parse_output(_request_output([7, 3, 9], flat, finished=True))
+    assert (delta.token_ids, delta.logprobs, delta.finish_reason) == (
+        [7, 3, 9],
+        [-0.5, -1.25, -2.0],
+        "length",
+    )
+
+    positions = [
+        {7: SimpleNamespace(logprob=-0.5)},
+        {3: SimpleNamespace(logprob=-1.25), 4: SimpleNamespace(logprob=-9)},
+    ]
+    delta = parse_output(_request_output([7, 3], positions))
+    assert (delta.token_ids, delta.logprobs, delta.finish_reason) == ([7, 3], [-0.5, -1.25], None)
+
+    with pytest.raises(RuntimeError, match="log-probs for"):  # a top-k entry per position too many
+        parse_output(_request_output([7, 3], SimpleNamespace(token_ids=[7, 1, 3, 1], logprobs=[0.0] * 4)))
+    with pytest.raises(RuntimeError, match="1 log-prob positions"):
+        parse_output(_request_output([7, 3], positions[:1]))
