@@ -132,6 +132,7 @@ def main(argv: list[str]) -> int:
         start = time.perf_counter()
         llm = adapter.start_offline_llm(model_dir, config, max_num_seqs=max_seqs, seed=args.seed)
         seconds = time.perf_counter() - start
+        raw_limits.update(adapter.batch_limits(llm))
         warm = [adapter.sampling_params(SamplingParams(max_new_tokens=8, temperature=1.0), stream=False)] * 8
         adapter.offline_generate(llm, workloads[0][0][:8], warm)
         return llm, seconds
@@ -158,6 +159,7 @@ def main(argv: list[str]) -> int:
             total_s=round(time.perf_counter() - start, 1),
             engine_s=round(engine.start_seconds, 1),
             warmup_s=round(engine.warmup_seconds, 2),
+            **engine.batch_limits,
         )
         engine.generate(workloads[0][0][:8], SamplingParams(max_new_tokens=8, temperature=1.0), timeout_s=600)
         return engine
@@ -187,6 +189,7 @@ def main(argv: list[str]) -> int:
             engine.on_client_thread(profile.disable)
             profiles.append(top_functions(profile, 25))
 
+    raw_limits: dict[str, int] = {}
     raw_runs: list[list[RunCPU]] = [[] for _ in workloads]
     ours_runs: dict[int, list[list[RunCPU]]] = {v: [[] for _ in workloads] for v in intervals}
     ours_start: dict[int, dict] = {}
@@ -273,6 +276,7 @@ def main(argv: list[str]) -> int:
         "together": args.together,
         "python": sys.version.split()[0],
         "raw_start_s": round(raw_start_s, 1),
+        "raw_batch_limits": raw_limits,
         "ours_start": ours_start,
         "mixes": results,
         "ours_over_raw_min": min(r["ours_over_raw"] for r in results),

@@ -28,7 +28,8 @@ class VLLMConfig:
     max_model_len: int | None = None
     """Longest prompt + response in tokens; None = the model's max_position_embeddings."""
     max_num_batched_tokens: int | None = None
-    """Tokens per scheduler step (chunked prefill); None = vLLM's default."""
+    """Tokens per scheduler step (chunked prefill); None = vLLM's offline default (16384 on an
+    H100/H200, 8192 on smaller GPUs; a served engine's would be 2048)."""
     enable_sleep_mode: bool = False
     """Let the engine free its GPU memory while the trainer runs; colocated placement turns it on."""
     sleep_level: int = 1

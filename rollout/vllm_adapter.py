@@ -14,6 +14,9 @@ extension (rollout/vllm_extension.py) and the benchmarks call these functions an
   per position: the sampled token and its log-prob (no ``Logprob`` object and dict per token);
   ``finish_reason`` is 'stop', 'length' or 'abort' on the last one. ``skip_clone`` spares the
   deep copy vLLM otherwise makes of every request's parameters.
+- ``AsyncLLM.from_engine_args(args, usage_context=LLM_CLASS)``: the batch-size defaults of the
+  offline ``LLM`` (``max_num_batched_tokens`` 16384 on an H100/H200, 8192 on smaller GPUs, instead of
+  2048), read back through ``vllm_config.scheduler_config``.
 - ``disable_log_stats=True`` (the offline ``LLM``'s default, not ``AsyncLLM``'s): no per-token
   Prometheus histograms and stats in the client, no per-request events in the engine core; the
   client's CPU bounds decoding with CUDA graphs (docs/benchmarks.md).
@@ -113,10 +116,24 @@ def start_async_llm(model_path: str, config: VLLMConfig, max_num_seqs: int, seed
     check_version()
     _prepare_environment()
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
     args = AsyncEngineArgs(**engine_kwargs(model_path, config, max_num_seqs, seed))
-    return AsyncLLM.from_engine_args(args)
+    # The offline engine's defaults: a rollout is a throughput batch, not a server's latency. In the
+    # default (engine) context an unset max_num_batched_tokens is 2048 (16384 offline on an H100/H200):
+    # prompts then prefill in 8x more engine steps (docs/benchmarks.md).
+    return AsyncLLM.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
+
+
+def batch_limits(llm: Any) -> dict[str, int]:
+    """The engine's resolved ``max_num_batched_tokens`` and ``max_num_seqs`` (``AsyncLLM`` or ``LLM``)."""
+    engine = getattr(llm, "llm_engine", llm)
+    scheduler = engine.vllm_config.scheduler_config
+    return {
+        "max_num_batched_tokens": scheduler.max_num_batched_tokens,
+        "max_num_seqs": scheduler.max_num_seqs,
+    }
 
 
 def start_offline_llm(model_path: str, config: VLLMConfig, max_num_seqs: int, seed: int) -> Any:

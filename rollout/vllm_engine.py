@@ -114,12 +114,14 @@ class VLLMEngine:
         start = time.perf_counter()
         self._llm = self._call(self._start(model_path, max_batch_size), config.start_timeout_s)
         self.start_seconds = time.perf_counter() - start
+        self.batch_limits = vllm.batch_limits(self._llm)
+        """The engine's ``max_num_batched_tokens`` and ``max_num_seqs`` as vLLM resolved them."""
         start = time.perf_counter()
         self._warm_up()
         self.warmup_seconds = time.perf_counter() - start
         logger.info(
-            "vLLM engine %d started in %.1fs, warmed up in %.2fs (%s)",
-            engine_id, self.start_seconds, self.warmup_seconds, model_path,
+            "vLLM engine %d started in %.1fs, warmed up in %.2fs (%s; %s)",
+            engine_id, self.start_seconds, self.warmup_seconds, model_path, self.batch_limits,
         )  # fmt: skip
 
     def _warm_up(self) -> None:
