@@ -226,3 +226,16 @@ def test_output_log_probs_are_read_from_vllm_flat_lists_and_from_per_position_ma
         parse_output(_request_output([7, 3], SimpleNamespace(token_ids=[7, 1, 3, 1], logprobs=[0.0] * 4)))
     with pytest.raises(RuntimeError, match="1 log-prob positions"):
         parse_output(_request_output([7, 3], positions[:1]))
+
+
+def test_batch_limits_are_read_from_the_async_and_the_offline_engine_alike():
+    from types import SimpleNamespace
+
+    from rollout.vllm_adapter import batch_limits
+
+    config = SimpleNamespace(
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=16384, max_num_seqs=1024)
+    )
+    expected = {"max_num_batched_tokens": 16384, "max_num_seqs": 1024}
+    assert batch_limits(SimpleNamespace(vllm_config=config)) == expected  # AsyncLLM
+    assert batch_limits(SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=config))) == expected  # LLM
