@@ -3,8 +3,9 @@
 # see ../shared/gpu/README.md): flex-attention packing test, rollout overhead, colocated weight sync
 # (1.5B, 7B), trainer MFU and memory, 20 colocated GSM8K steps at 1.5B, the GSM8K CPU recipe (SFT then
 # GRPO) learning on the GPU (`learn`). Not in the default list either: `short` (the two short rollout
-# mixes, both engines up at once and 4 alternating repeats, the client's CPU and profile), `sync_qwen3` (a Qwen3-1.7B swap), `runs` (whole
-# colocated runs, Qwen3 included). WHAT picks and orders them.
+# mixes, both engines up at once and 4 alternating repeats, the client's CPU and profile),
+# `sync_qwen3` (a Qwen3-1.7B swap), `runs` (whole colocated runs, Qwen3 included). WHAT picks and
+# orders them.
 # Each writes its JSON line into ${OUT:-benchmarks/results/tmp}/<name>.json (with JSONL=1: all of
 # them into bench.jsonl, and vLLM's start-up lines into startup.log, for the 8-file limit of $OUT).
 set -uo pipefail
