@@ -17,7 +17,7 @@ for what in ${WHAT:-test sync async}; do
            [ "${SYNC7:-0}" = 1 ] && timeout 400 python -m areal_like.cli bench gpu_sync --shape 7b --placement split --verify \
              --model-dir "$models/7b" --out "$out/gpu_sync_split_7b.json" 2>&1 | quiet ;;
     async) timeout ${LIMIT:-560} python -m areal_like.cli bench rl_async --etas 0,4 --steps 6 --warmup 2 \
-             --median 192 --cap 768 --groups 16 --group-size 8 --eager --workdir /tmp/rl-async \
+             --median 192 --cap 768 --groups 16 --group-size 8 --workdir /tmp/rl-async \
              --out "$out/rl_async.json" 2>&1 | grep -v "INFO\|WARNING" | grep "^step\|eta=\|async\|Error\|error\|{" | tail -40 ;;
   esac
 done

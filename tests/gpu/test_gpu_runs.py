@@ -34,6 +34,7 @@ def _run(run_dir, *overrides):
             "rollout.groups_per_generate=16",
             "task.num_eval_prompts=8",
             "run.tensorboard=false",
+            "rollout.vllm.enforce_eager=true",  # the recipe runs with CUDA graphs; a test wants a fast start
             # A random policy almost never answers right (all rewards 0, no gradient); the overlong
             # penalty on responses past one token makes rewards differ so that the weights move.
             "train.reward.overlong_tokens=2",
