@@ -133,7 +133,10 @@ def main(argv: list[str]) -> int:
         llm = adapter.start_offline_llm(model_dir, config, max_num_seqs=max_seqs, seed=args.seed)
         seconds = time.perf_counter() - start
         raw_limits.update(adapter.batch_limits(llm))
-        warm = [adapter.sampling_params(SamplingParams(max_new_tokens=8, temperature=1.0), stream=False)] * 8
+        warm = [
+            adapter.sampling_params(SamplingParams(max_new_tokens=8, temperature=1.0), stream=False)
+            for _ in range(8)
+        ]
         adapter.offline_generate(llm, workloads[0][0][:8], warm)
         return llm, seconds
 

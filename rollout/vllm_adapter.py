@@ -13,7 +13,7 @@ extension (rollout/vllm_extension.py) and the benchmarks call these functions an
   and a ``FlatLogprobs`` whose ``token_ids``/``logprobs`` lists hold, with ``logprobs=0``, one entry
   per position: the sampled token and its log-prob (no ``Logprob`` object and dict per token);
   ``finish_reason`` is 'stop', 'length' or 'abort' on the last one. ``skip_clone`` spares the
-  deep copy vLLM otherwise makes of every request's parameters.
+  deep copy vLLM otherwise makes of every request's parameters: each request gets its own object.
 - ``AsyncLLM.from_engine_args(args, usage_context=LLM_CLASS)``: the batch-size defaults of the
   offline ``LLM`` (``max_num_batched_tokens`` 16384 on an H100/H200, 8192 on smaller GPUs, instead of
   2048), read back through ``vllm_config.scheduler_config``.
