@@ -191,7 +191,9 @@ def parse_output(output: Any) -> Delta:
     token_ids = list(completion.token_ids)
     positions = completion.logprobs
     flat = getattr(positions, "logprobs", None)
-    if flat is not None:
+    if not token_ids:  # e.g. an abort's last output; vLLM then hands over the whole container
+        logprobs: list[float] = []
+    elif flat is not None:
         if positions.token_ids != token_ids:
             raise RuntimeError(
                 f"vLLM returned tokens {token_ids[:8]}... ({len(token_ids)}) but log-probs for "
@@ -199,7 +201,7 @@ def parse_output(output: Any) -> Delta:
             )
         logprobs = list(flat)
     else:
-        if token_ids and (positions is None or len(positions) != len(token_ids)):
+        if positions is None or len(positions) != len(token_ids):
             count = 0 if positions is None else len(positions)
             raise RuntimeError(
                 f"vLLM returned {len(token_ids)} tokens but {count} log-prob positions "

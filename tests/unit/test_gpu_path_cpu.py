@@ -222,6 +222,10 @@ def test_output_log_probs_are_read_from_vllm_flat_lists_and_from_per_position_ma
     delta = parse_output(_request_output([7, 3], positions))
     assert (delta.token_ids, delta.logprobs, delta.finish_reason) == ([7, 3], [-0.5, -1.25], None)
 
+    # An output without new tokens (an abort's last one): vLLM slices ``logprobs[-0:]``, the whole container.
+    delta = parse_output(_request_output([], flat, finished=True))
+    assert (delta.token_ids, delta.logprobs, delta.finish_reason) == ([], [], "length")
+
     with pytest.raises(RuntimeError, match="log-probs for"):  # a top-k entry per position too many
         parse_output(_request_output([7, 3], SimpleNamespace(token_ids=[7, 1, 3, 1], logprobs=[0.0] * 4)))
     with pytest.raises(RuntimeError, match="1 log-prob positions"):
