@@ -31,7 +31,7 @@ for what in ${WHAT:-flex vllm mixes mixes_eager sync15 sync7 trainer gsm8k20}; d
     rollout) run gpu_rollout_256 gpu_rollout $r15 --requests 256 --median 256 --cap 1024 --stream-intervals 1,16 ;;
     rollout_eager) run gpu_rollout_256_eager gpu_rollout $r15 --requests 256 --median 256 --cap 1024 --eager ;;
     mixes)   run gpu_rollout_mixes gpu_rollout $r15 --mixes 256:256:1024,1024:256:1024,256:1024:8192,1024:1024:8192 ;;
-    short)   run gpu_rollout_short gpu_rollout $r15 --mixes 256:256:1024,1024:256:1024 --repeats 4 --profile \
+    short)   run gpu_rollout_short gpu_rollout $r15 --mixes 256:256:1024,1024:256:1024 --repeats ${REPEATS:-4} --profile \
                --together --gpu-mem 0.42 ;;
     mixes_eager) run gpu_rollout_mixes_eager gpu_rollout $r15 --mixes 256:256:1024,1024:256:1024 --eager ;;
     sync15)  run gpu_sync_colocated_1.5b gpu_sync --shape 1.5b --placement colocated --verify --model-dir "$models/1.5b" ;;
