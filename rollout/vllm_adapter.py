@@ -184,30 +184,21 @@ class Delta:
 
 
 def parse_output(output: Any) -> Delta:
-    """The new tokens of a ``RequestOutput`` (DELTA kind) with the sampled tokens' log-probs: from
-    the flat lists of a ``FlatLogprobs`` (one entry per position with ``logprobs=0``), or from the
-    per-position ``{token_id: Logprob}`` mappings of the default container."""
+    """The new tokens of a ``RequestOutput`` (DELTA kind) with the sampled tokens' log-probs, from
+    the flat lists of its ``FlatLogprobs`` (one entry per position with ``logprobs=0``)."""
     completion = output.outputs[0]
     token_ids = list(completion.token_ids)
     positions = completion.logprobs
-    flat = getattr(positions, "logprobs", None)
     if not token_ids:  # e.g. an abort's last output; vLLM then hands over the whole container
         logprobs: list[float] = []
-    elif flat is not None:
-        if positions.token_ids != token_ids:
-            raise RuntimeError(
-                f"vLLM returned tokens {token_ids[:8]}... ({len(token_ids)}) but log-probs for "
-                f"{positions.token_ids[:8]}... ({len(positions.token_ids)}) (request {output.request_id})"
-            )
-        logprobs = list(flat)
+    elif positions is None or positions.token_ids != token_ids:
+        found = "none" if positions is None else f"{positions.token_ids[:8]}... ({len(positions.token_ids)})"
+        raise RuntimeError(
+            f"vLLM returned tokens {token_ids[:8]}... ({len(token_ids)}) but log-probs for {found} "
+            f"(request {output.request_id})"
+        )
     else:
-        if positions is None or len(positions) != len(token_ids):
-            count = 0 if positions is None else len(positions)
-            raise RuntimeError(
-                f"vLLM returned {len(token_ids)} tokens but {count} log-prob positions "
-                f"(request {output.request_id})"
-            )
-        logprobs = [float(positions[i][tok].logprob) for i, tok in enumerate(token_ids)]
+        logprobs = list(positions.logprobs)
     reason = completion.finish_reason if output.finished else None
     return Delta(token_ids, logprobs, None if reason is None else str(reason))
 

@@ -199,10 +199,9 @@ def _request_output(token_ids, logprobs, finished=False):
     return SimpleNamespace(outputs=[completion], finished=finished, request_id="r-1")
 
 
-def test_output_log_probs_are_read_from_vllm_flat_lists_and_from_per_position_mappings():
-    """``parse_output`` takes the sampled tokens' log-probs from a ``FlatLogprobs`` (what our
-    params ask for: one entry per position) and from the default ``[{token: Logprob}]`` container,
-    and refuses log-probs that are not those of the returned tokens."""
+def test_output_log_probs_are_read_from_vllm_flat_lists_and_must_be_the_returned_tokens():
+    """``parse_output`` takes the sampled tokens' log-probs from the ``FlatLogprobs`` our params ask
+    for (one entry per position) and refuses log-probs that are not those of the returned tokens."""
     from types import SimpleNamespace
 
     from rollout.vllm_adapter import parse_output
@@ -214,13 +213,8 @@ def test_output_log_probs_are_read_from_vllm_flat_lists_and_from_per_position_ma
         [-0.5, -1.25, -2.0],
         "length",
     )
-
-    positions = [
-        {7: SimpleNamespace(logprob=-0.5)},
-        {3: SimpleNamespace(logprob=-1.25), 4: SimpleNamespace(logprob=-9)},
-    ]
-    delta = parse_output(_request_output([7, 3], positions))
-    assert (delta.token_ids, delta.logprobs, delta.finish_reason) == ([7, 3], [-0.5, -1.25], None)
+    delta = parse_output(_request_output([7, 3, 9], flat))
+    assert delta.finish_reason is None
 
     # An output without new tokens (an abort's last one): vLLM slices ``logprobs[-0:]``, the whole container.
     delta = parse_output(_request_output([], flat, finished=True))
@@ -228,8 +222,8 @@ def test_output_log_probs_are_read_from_vllm_flat_lists_and_from_per_position_ma
 
     with pytest.raises(RuntimeError, match="log-probs for"):  # a top-k entry per position too many
         parse_output(_request_output([7, 3], SimpleNamespace(token_ids=[7, 1, 3, 1], logprobs=[0.0] * 4)))
-    with pytest.raises(RuntimeError, match="1 log-prob positions"):
-        parse_output(_request_output([7, 3], positions[:1]))
+    with pytest.raises(RuntimeError, match="log-probs for none"):
+        parse_output(_request_output([7, 3], None))
 
 
 def test_batch_limits_are_read_from_the_async_and_the_offline_engine_alike():
