@@ -37,3 +37,17 @@ def test_the_workload_is_long_tailed_reproducible_and_within_bounds():
     assert all(settings.min_prompt_len <= len(p) <= settings.max_prompt_len for p in prompts)
     with pytest.raises(ValueError, match="--sigma"):
         EngineBenchSettings(sigma=-1)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--together", "--stream-intervals", "1,16"], ["--together", "--gpu-mem", "0.85"]],
+    ids=["two_intervals", "gpu_share_too_big"],
+)
+def test_gpu_rollout_together_is_refused_where_two_engines_cannot_share_one_gpu(argv):
+    """``--together`` keeps raw vLLM and ours up at once: one stream interval, each engine <= 0.45
+    of the GPU. Refused before any model is built or GPU touched."""
+    from benchmarks import gpu_rollout
+
+    with pytest.raises(SystemExit, match="--together: one --stream-intervals value and --gpu-mem <= 0.45"):
+        gpu_rollout.main(argv)
