@@ -70,6 +70,13 @@ def counts_by_request_id(engine_counts: dict[str, int]) -> dict[str, int]:
     return out
 
 
+async def _let_tasks_end(timeout_s: float) -> None:
+    """Give the loop's other tasks up to ``timeout_s`` to end (after a shutdown has cancelled them)."""
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    if others:
+        await asyncio.wait(others, timeout=timeout_s)
+
+
 class _Versions:
     """Which weights sampled a running request's tokens (see ``token_versions``)."""
 
@@ -220,8 +227,12 @@ class VLLMEngine:
         try:
             if self._running:
                 self._call(vllm.abort(self._llm, list(self._running)), 30.0)
+            self._call(vllm.stop_output_handler(self._llm), 30.0)
         finally:
             vllm.shutdown(self._llm)
+            # vLLM cancels its socket-reading tasks on this loop: let them end before it stops, or
+            # asyncio reports "Task was destroyed but it is pending!" at exit.
+            self._call(_let_tasks_end(2.0), 10.0)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10.0)
 

@@ -237,3 +237,40 @@ def test_batch_limits_are_read_from_the_async_and_the_offline_engine_alike():
     expected = {"max_num_batched_tokens": 16384, "max_num_seqs": 1024}
     assert batch_limits(SimpleNamespace(vllm_config=config)) == expected  # AsyncLLM
     assert batch_limits(SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=config))) == expected  # LLM
+
+
+class _ClosingAsyncLLM:
+    """What ``VLLMEngine.close`` meets in vLLM 0.25.1's ``AsyncLLM``: an output-handler task reading
+    the engine core, and a ``shutdown`` that stops the engine core and then cancels its
+    socket-reading task on the client's loop from the calling thread (``call_soon_threadsafe``)."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.output_handler = asyncio.get_running_loop().create_task(asyncio.Event().wait())
+        self.socket_task = asyncio.get_running_loop().create_task(asyncio.Event().wait())
+        self.handler_done_at_shutdown: bool | None = None
+
+    def shutdown(self) -> None:
+        self.handler_done_at_shutdown = self.output_handler.done()
+        self.socket_task.get_loop().call_soon_threadsafe(self.socket_task.cancel)
+
+
+def test_close_stops_the_output_handler_before_the_engine_core_and_lets_cancelled_tasks_end(monkeypatch):
+    from rollout import vllm_adapter
+    from rollout.vllm_engine import VLLMEngine
+
+    async def start(*_):
+        return _ClosingAsyncLLM()
+
+    monkeypatch.setattr(VLLMEngine, "_start", lambda self, *a: start())
+    monkeypatch.setattr(vllm_adapter, "batch_limits", lambda llm: {})
+    monkeypatch.setattr(VLLMEngine, "_warm_up", lambda self: None)
+    engine = VLLMEngine("/nonexistent", VLLMConfig())
+    llm = engine._llm
+    engine.close()
+    # Otherwise the handler, still reading a stopped engine core, logs EngineDeadError ...
+    assert llm.handler_done_at_shutdown is True
+    # ... and the socket task, cancelled but never run again, is "destroyed but pending" at exit.
+    assert llm.socket_task.cancelled()
+    assert not engine._thread.is_alive()
