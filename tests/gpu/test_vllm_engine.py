@@ -5,7 +5,7 @@ out with log-probs equal to a float32 HF recompute; stop, length and abort endin
 a weight swap inside a sample (both versions, and the tokens after the swap scored by the new
 weights); no prefix-cache hash left after a swap; the colocated arena filled over CUDA IPC; sleep
 and wake keeping the weights; a swap while 256 requests decode, every token's version checked
-against log-probs recomputed under both weight sets.
+against log-probs recomputed under both weight sets; last, a close while 32 requests decode.
 """
 
 from __future__ import annotations
@@ -274,3 +274,15 @@ def test_every_token_carries_the_version_of_the_weights_that_sampled_it(engine, 
         wrong += int((clear & (nearer_a != labelled_a)).sum())
     assert decided > 5000 and wrong == 0, f"{wrong} of {decided} clearly scored tokens: wrong version"
     assert swap["engine_stopped"] < 1.0 and swap["end_to_end"] >= swap["engine_stopped"], swap
+
+
+def test_close_under_load_ends_every_request_and_leaves_no_task_running(engine, capfd):
+    """Last in the module (it closes the shared engine; the fixture's close is then a no-op)."""
+    handles = [engine.submit([3, 4, 5 + i % 9], _params(MAX_LEN - 8), stream=True) for i in range(32)]
+    next(iter(handles[0].stream(timeout_s=60)))  # decoding
+    llm = engine._llm
+    engine.close()
+    assert all(h.result(timeout_s=10).finish_reason == "abort" for h in handles)
+    assert llm.output_handler.done()
+    assert llm.engine_core.resources.output_queue_task.done()
+    assert "output_handler failed" not in capfd.readouterr().err
