@@ -21,6 +21,7 @@ Every vLLM call goes through ``rollout/vllm_adapter.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import pickle
@@ -232,7 +233,8 @@ class VLLMEngine:
             vllm.shutdown(self._llm)
             # vLLM cancels its socket-reading tasks on this loop: let them end before it stops, or
             # asyncio reports "Task was destroyed but it is pending!" at exit.
-            self._call(_let_tasks_end(2.0), 10.0)
+            with contextlib.suppress(TimeoutError):  # a stuck loop is stopped all the same
+                self._call(_let_tasks_end(2.0), 10.0)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10.0)
 
