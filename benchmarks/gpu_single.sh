@@ -3,7 +3,8 @@
 # see ../shared/gpu/README.md): flex-attention packing test, rollout overhead, colocated weight sync
 # (1.5B, 7B), trainer MFU and memory, 20 colocated GSM8K steps at 1.5B, the GSM8K CPU recipe (SFT then
 # GRPO) learning on the GPU (`learn`). Not in the default list either: `short` (the two short rollout
-# mixes, both engines up at once and 4 alternating repeats, the client's CPU and profile),
+# mixes, both engines up at once and 4 alternating repeats, the client's CPU and profile), `long`
+# (the two median-1k / cap-8k mixes the same way, REPEATS default 1: ~7 min on an H100),
 # `sync_qwen3` (a Qwen3-1.7B swap), `runs` (whole colocated runs, Qwen3 included). WHAT picks and
 # orders them.
 # Each writes its JSON line into ${OUT:-benchmarks/results/tmp}/<name>.json (with JSONL=1: all of
@@ -32,6 +33,8 @@ for what in ${WHAT:-flex vllm mixes mixes_eager sync15 sync7 trainer gsm8k20}; d
     rollout_eager) run gpu_rollout_256_eager gpu_rollout $r15 --requests 256 --median 256 --cap 1024 --eager ;;
     mixes)   run gpu_rollout_mixes gpu_rollout $r15 --mixes 256:256:1024,1024:256:1024,256:1024:8192,1024:1024:8192 ;;
     short)   run gpu_rollout_short gpu_rollout $r15 --mixes 256:256:1024,1024:256:1024 --repeats ${REPEATS:-4} --profile \
+               --together --gpu-mem 0.42 ;;
+    long)    run gpu_rollout_long gpu_rollout $r15 --mixes 256:1024:8192,1024:1024:8192 --repeats ${REPEATS:-1} \
                --together --gpu-mem 0.42 ;;
     mixes_eager) run gpu_rollout_mixes_eager gpu_rollout $r15 --mixes 256:256:1024,1024:256:1024 --eager ;;
     sync15)  run gpu_sync_colocated_1.5b gpu_sync --shape 1.5b --placement colocated --verify --model-dir "$models/1.5b" ;;
