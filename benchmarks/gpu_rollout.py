@@ -185,10 +185,10 @@ def main(argv: list[str]) -> int:
         return run
 
     def profile_ours(engine: VLLMEngine) -> None:
-        for _, lengths in workloads:
+        for prompts, lengths in workloads:
             profile = cProfile.Profile()
             engine.on_client_thread(profile.enable)
-            engine.generate(workloads[len(profiles)][0], sampled(lengths), timeout_s=3600)
+            engine.generate(prompts, sampled(lengths), timeout_s=3600)
             engine.on_client_thread(profile.disable)
             profiles.append(top_functions(profile, 25))
 
